@@ -1,0 +1,275 @@
+"""Configuration: the only module that reads ``os.environ``.
+
+Settings come from three sources, highest priority first: keyword arguments of the
+middleware (snake_case), environment variables (``XO_WEBHOOKS_<NAME>``), and the JSON
+file named by ``XO_WEBHOOKS_CONFIG`` (camelCase keys). The merged document is validated
+against ``schemas/config.schema.json`` once, at start; every error names its source and
+the path of the bad field. What comes out is a frozen :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from jsonschema import ValidationError
+
+from .errors import ConfigError
+from .schema import load_schema, validator
+
+__all__ = ["Hook", "Settings", "load_settings", "ENV_PREFIX", "DEFAULT_REDACT"]
+
+ENV_PREFIX = "XO_WEBHOOKS_"
+HOOK_TYPES = ("pre", "post", "pre/post")
+DEFAULT_REDACT = (
+    "password", "passwd", "secret", "token", "apikey", "api_key",
+    "authorization", "cookie", "privatekey", "private_key",
+)  # fmt: skip
+DEFAULTS: dict[str, Any] = {
+    "timeout": 10.0,
+    "maxWorkers": 4,
+    "maxBody": 1024 * 1024,
+    "retries": 5,
+    "backoff": 1.0,
+    "queueSize": 10000,
+    "deadLetter": None,
+    "shutdownTimeout": 10.0,
+    "secret": None,
+    "redact": list(DEFAULT_REDACT),
+    "caBundle": None,
+    "dispatcher": "thread",
+    "brokerUrl": None,
+}
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One configured hook: which method triggers it, when, and where it goes.
+
+    :param method: a JSON-RPC method name, or a glob in which ``*`` matches any run
+        of characters, dots included (``vm.*`` matches ``vm.start`` and ``vm.snapshot.create``).
+    :param type: ``"pre"``, ``"post"`` or ``"pre/post"``.
+    :param url: the http(s) URL the POST goes to; its query string is kept.
+    :param format: ``"json"`` (default), ``"office365"`` or ``"slack"``.
+    :param wait_for_response: pre only: the call starts once the pre hook's first
+        attempt has completed or timed out.
+    :param secret: a ``whsec_`` signing secret for this hook (overrides the global one).
+    :param headers: extra request headers, e.g. ``{"Authorization": "Bearer ..."}``.
+    """
+
+    method: str
+    type: str
+    url: str
+    format: str = "json"
+    wait_for_response: bool = False
+    secret: Optional[str] = field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    @property
+    def pre(self) -> bool:
+        """Whether this hook fires before the call."""
+        return self.type in ("pre", "pre/post")
+
+    @property
+    def post(self) -> bool:
+        """Whether this hook fires after the call."""
+        return self.type in ("post", "pre/post")
+
+    @property
+    def signed(self) -> bool:
+        """Whether requests of this hook carry a Standard Webhooks signature."""
+        return self.secret is not None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], secret: Optional[str] = None) -> Hook:
+        """Build a hook from its validated camelCase form; *secret* is the global default."""
+        return cls(
+            method=raw["method"],
+            type=raw["type"],
+            url=raw["url"],
+            format=raw.get("format", "json"),
+            wait_for_response=bool(raw.get("waitForResponse", False)),
+            secret=raw.get("secret", secret),
+            headers=tuple(raw.get("headers", {}).items()),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated, immutable configuration of a middleware and its dispatcher."""
+
+    hooks: tuple[Hook, ...] = ()
+    timeout: float = DEFAULTS["timeout"]
+    max_workers: int = DEFAULTS["maxWorkers"]
+    max_body: int = DEFAULTS["maxBody"]
+    retries: int = DEFAULTS["retries"]
+    backoff: float = DEFAULTS["backoff"]
+    queue_size: int = DEFAULTS["queueSize"]
+    dead_letter: Optional[str] = None
+    shutdown_timeout: float = DEFAULTS["shutdownTimeout"]
+    secret: Optional[str] = field(default=None, repr=False)
+    redact: tuple[str, ...] = DEFAULT_REDACT
+    ca_bundle: Optional[str] = None
+    dispatcher: str = "thread"
+    broker_url: Optional[str] = field(default=None, repr=False)
+
+
+def camel_to_snake(name: str) -> str:
+    """``maxWorkers`` -> ``max_workers``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def env_name(key: str) -> str:
+    """``maxWorkers`` -> ``XO_WEBHOOKS_MAX_WORKERS``."""
+    return ENV_PREFIX + camel_to_snake(key).upper()
+
+
+CONFIG_PROPERTIES = load_schema("config")["properties"]
+SETTING_KEYS = tuple(k for k in CONFIG_PROPERTIES if k != "hooks")
+SNAKE_TO_CAMEL = {camel_to_snake(k): k for k in SETTING_KEYS}
+
+
+def load_settings(
+    hooks: Optional[list[Mapping[str, Any]]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    **overrides: Any,
+) -> Settings:
+    """Load, merge and validate the configuration; raise :class:`ConfigError` if it is bad.
+
+    :param hooks: hooks given in code; when ``None`` they come from ``XO_WEBHOOKS_HOOKS``
+        or the ``XO_WEBHOOKS_CONFIG`` file.
+    :param environ: the environment to read (``os.environ`` by default).
+    :param overrides: settings in snake_case (``timeout=2.5``); ``None`` values are ignored.
+    """
+    environ = os.environ if environ is None else environ
+    document: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # top-level key -> where it came from, for messages
+
+    file_path = environ.get(ENV_PREFIX + "CONFIG")
+    if file_path:
+        for key, value in _read_file(file_path).items():
+            document[key] = value
+            sources[key] = f"{file_path}: {key}"
+
+    for key in ("hooks", *SETTING_KEYS):
+        name = env_name(key)
+        if name in environ:
+            document[key] = _parse_env(name, environ[name], key)
+            sources[key] = name
+
+    if hooks is not None:
+        document["hooks"] = list(hooks)
+        sources["hooks"] = "hooks"
+    for snake, value in overrides.items():
+        if snake not in SNAKE_TO_CAMEL:
+            raise TypeError(f"unknown setting {snake!r}; expected one of {sorted(SNAKE_TO_CAMEL)}")
+        if value is not None:
+            key = SNAKE_TO_CAMEL[snake]
+            document[key] = list(value) if isinstance(value, (tuple, set, frozenset)) else value
+            sources[key] = snake
+
+    _validate(document, sources)
+    return _build(document)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    where = f"{ENV_PREFIX}CONFIG={path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the file: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object {{\"hooks\": [...], ...}}")
+    return data
+
+
+def _parse_env(name: str, raw: str, key: str) -> Any:
+    """Turn an environment string into the type the schema wants; leave it for the
+    schema to reject when it does not convert."""
+    kind = CONFIG_PROPERTIES[key].get("type")
+    text = raw.strip()
+    if key == "hooks":
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{name}: not valid JSON: {e}") from None
+    if kind == "array":
+        return [word.strip() for word in text.split(",") if word.strip()]
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+    except ValueError:
+        return raw
+    return raw
+
+
+def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
+    errors = sorted(validator("config").iter_errors(document), key=_error_order)
+    if errors:
+        raise ConfigError(_describe(errors[0], sources))
+    secrets = [("secret", document.get("secret"))]
+    secrets += [
+        (f"{sources['hooks']}[{i}].secret", hook.get("secret"))
+        for i, hook in enumerate(document.get("hooks", []))
+    ]
+    for where, secret in secrets:
+        if secret is None:
+            continue
+        try:
+            base64.b64decode(secret[len("whsec_"):], validate=True)
+        except binascii.Error:
+            where = sources.get(where, where)
+            raise ConfigError(f"{where}: must be whsec_ followed by valid base64") from None
+
+
+def _error_order(error: ValidationError) -> tuple[int, list[str]]:
+    return (len(error.absolute_path), [str(p) for p in error.absolute_path])
+
+
+def _describe(error: ValidationError, sources: dict[str, str]) -> str:
+    path = list(error.absolute_path)
+    if not path:  # an unknown top-level key, or the document itself is wrong
+        extra = _unexpected_keys(error)
+        where = ", ".join(sources.get(k, k) for k in extra) or "configuration"
+        return f"{where}: {error.message}"
+    where = sources.get(str(path[0]), str(path[0]))
+    for part in path[1:]:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    if path[-1] == "secret":  # never echo a secret, even a malformed one
+        return f"{where}: must be whsec_ followed by at least 16 base64 characters"
+    return f"{where}: {_message(error)}"
+
+
+def _unexpected_keys(error: ValidationError) -> list[str]:
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        return [k for k in error.instance if k not in allowed]
+    return []
+
+
+def _message(error: ValidationError) -> str:
+    # A bare "False was expected" says little; the schema's description says why.
+    if error.validator == "const" and "description" in error.schema:
+        return f"{error.instance!r} is not allowed: {error.schema['description']}"
+    return error.message
+
+
+def _build(document: dict[str, Any]) -> Settings:
+    values = {**DEFAULTS, **{k: v for k, v in document.items() if k != "hooks"}}
+    secret = values["secret"]
+    hooks = tuple(Hook.from_dict(raw, secret) for raw in document.get("hooks", []))
+    return Settings(
+        hooks=hooks,
+        **{camel_to_snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()},
+    )

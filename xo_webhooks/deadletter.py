@@ -1,0 +1,72 @@
+"""The dead-letter file: hooks that could not be delivered, one JSON object a line.
+
+Each record is appended with a single ``write()`` on a file opened with ``O_APPEND``,
+so records from several threads or processes never interleave, and a crash mid-write
+can damage only the line being written, never an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["DeadLetterFile", "read_records"]
+
+logger = logging.getLogger("xo_webhooks.deadletter")
+
+
+class DeadLetterFile:
+    """Appends dead-letter records to the JSON Lines file at *path*.
+
+    :param path: the file; it and its folder are created when missing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append *records*; raises :class:`OSError` when the file cannot be written."""
+        lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records]
+        if not lines:
+            return
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        with self._lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                # A torn last line (a crash mid-write) must not swallow the next record.
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    os.write(fd, b"\n")
+                for line in lines:
+                    os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"DeadLetterFile({self.path!r})"
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """Read the records of a dead-letter file, skipping (and logging) damaged lines."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning("%s:%d: skipped a damaged dead-letter line", path, number)
+                continue
+            if isinstance(record, dict) and "url" in record and "payload" in record:
+                records.append(record)
+            else:
+                logger.warning("%s:%d: skipped a line that is not a dead-letter record", path, number)
+    return records

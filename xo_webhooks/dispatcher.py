@@ -1,0 +1,291 @@
+"""The thread dispatcher: delivers hooks from a pool of worker threads.
+
+It keeps a bounded set of pending hooks (ready, waiting for a retry, or held until
+their call's pre hook is done), never blocks the caller, retries with backoff without
+holding a thread, and hands every hook it gives up on to the dead-letter file. Threads
+start lazily in the process that submits, so a server that forks after building the
+app (gunicorn ``--preload``) never inherits them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from typing import Any, Callable, Optional, Protocol
+
+from .config import Settings
+from .deadletter import DeadLetterFile
+from .delivery import Attempt, Delivery, Sender, backoff_delay
+
+__all__ = ["Dispatcher", "ThreadDispatcher", "STAT_NAMES"]
+
+logger = logging.getLogger("xo_webhooks")
+
+STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
+GiveUpHandler = Callable[[list[Delivery]], None]
+
+
+class Dispatcher(Protocol):
+    """What the middleware needs from a dispatcher."""
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue *delivery*; never blocks, never raises."""
+
+    def deliver_now(self, delivery: Delivery) -> bool:
+        """Make the first attempt in the calling thread (``waitForResponse``); queue any
+        retry. Returns whether it was delivered."""
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until nothing is pending; return whether that happened in time."""
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Flush, stop, and dead-letter what is left."""
+
+    def stats(self) -> dict[str, int]:
+        """Integer counters since start (see :data:`STAT_NAMES`)."""
+
+
+class ThreadDispatcher:
+    """Delivers hooks from ``settings.max_workers`` threads.
+
+    :param settings: retries, backoff, queue size, dead-letter file, timeouts.
+    :param sender: the transport (a :class:`Sender` by default).
+    :param on_give_up: called with the deliveries given up on, instead of writing them
+        to the dead-letter file (``xo-webhooks replay`` collects them this way).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sender: Optional[Sender] = None,
+        on_give_up: Optional[GiveUpHandler] = None,
+    ) -> None:
+        self.settings = settings
+        self.sender = sender or Sender(settings)
+        self._on_give_up = on_give_up
+        self._dead_letter = DeadLetterFile(settings.dead_letter) if settings.dead_letter else None
+        self._last_lost_log = 0.0
+        self._reset()
+        # Keep a fork from inheriting locks that another thread held, or queued hooks
+        # the parent process will deliver itself.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (d := ref()) and d._reset())
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._ready: deque[Delivery] = deque()
+        self._delayed: list[tuple[float, int, Delivery]] = []  # heap by due time
+        self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
+        self._open_pres: Counter[tuple[Any, str]] = Counter()
+        self._held_count = 0
+        self._in_flight = 0
+        self._seq = itertools.count()
+        self._counters: Counter[str] = Counter()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._closed = False
+
+    # -- the caller's side ------------------------------------------------------------
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue *delivery*; never blocks (beyond a short lock), never raises."""
+        with self._cond:
+            self._counters["accepted"] += 1
+            if self._closed or self._pending() >= self.settings.queue_size:
+                self._in_flight += 1
+                reason = "dispatcher closed" if self._closed else "queue full"
+                rejected = True
+            else:
+                rejected = False
+                self._start_workers()
+                key = delivery.order_key
+                if delivery.is_pre:
+                    self._open_pres[key] += 1
+                    self._ready.append(delivery)
+                elif self._open_pres[key]:
+                    self._held.setdefault(key, []).append(delivery)
+                    self._held_count += 1
+                else:
+                    self._ready.append(delivery)
+                self._cond.notify()
+        if rejected:
+            delivery.last_error = reason
+            self._give_up([delivery])
+
+    def deliver_now(self, delivery: Delivery) -> bool:
+        """Make the first attempt in this thread, bounded by the timeout; retries, if
+        any, go on in the background. Returns whether the hook was delivered."""
+        with self._cond:
+            self._counters["accepted"] += 1
+            self._in_flight += 1
+            if delivery.is_pre:
+                self._open_pres[delivery.order_key] += 1
+        attempt = self.sender.send(delivery)
+        self._settle(delivery, attempt)
+        return attempt.delivered
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no hook is pending; return whether that happened within *timeout*."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending() == 0, timeout)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
+        workers, and give up on whatever is still pending. Safe to call twice."""
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.flush(timeout)
+        with self._cond:
+            self._closed = self._stopping = True
+            left = list(self._ready) + [d for _, _, d in self._delayed]
+            left += [d for held in self._held.values() for d in held]
+            self._in_flight += len(left)
+            self._ready.clear()
+            self._delayed.clear()
+            self._held.clear()
+            self._held_count = 0
+            self._cond.notify_all()
+            threads, self._threads = self._threads, []
+        for delivery in left:
+            delivery.last_error = delivery.last_error or "still pending at shutdown"
+        self._give_up(left)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        atexit.unregister(self.close)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``accepted == delivered + failed + pending`` and
+        ``failed == dead_lettered + lost`` hold at every moment."""
+        with self._cond:
+            counters = {name: self._counters[name] for name in STAT_NAMES}
+            counters["pending"] = self._pending()
+        return counters
+
+    # -- internals --------------------------------------------------------------------
+
+    def _pending(self) -> int:
+        return len(self._ready) + len(self._delayed) + self._held_count + self._in_flight
+
+    def _start_workers(self) -> None:
+        if self._threads:
+            return
+        for n in range(self.settings.max_workers):
+            thread = threading.Thread(target=self._work, name=f"xo-webhooks-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        atexit.register(self.close)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                delivery = self._next_delivery()
+                if delivery is None:
+                    return
+            self._settle(delivery, self.sender.send(delivery))
+
+    def _next_delivery(self) -> Optional[Delivery]:
+        """Wait for a delivery that is due; ``None`` once stopping. Holds the lock."""
+        while not self._stopping:
+            now = time.monotonic()
+            while self._delayed and self._delayed[0][0] <= now:
+                self._ready.append(heapq.heappop(self._delayed)[2])
+            if self._ready:
+                self._in_flight += 1
+                return self._ready.popleft()
+            self._cond.wait(self._delayed[0][0] - now if self._delayed else None)
+        return None
+
+    def _settle(self, delivery: Delivery, attempt: Attempt) -> None:
+        """Count an attempt's result, then finish the delivery or schedule its retry."""
+        if delivery.attempts > 1:
+            with self._cond:
+                self._counters["retried"] += 1
+        if attempt.delivered:
+            with self._cond:
+                self._counters["delivered"] += 1
+                self._in_flight -= 1
+                self._finish(delivery)
+            return
+        delivery.last_error = attempt.error
+        logger.warning(
+            "hook %s %s for call %s to %s failed (attempt %d): %s",
+            delivery.payload.get("method"), delivery.payload.get("type"),
+            delivery.payload.get("callId"), delivery.hook.url, delivery.attempts, attempt.error,
+        )  # fmt: skip
+        with self._cond:
+            if attempt.retryable and delivery.attempts <= self.settings.retries and not self._closed:
+                self._start_workers()
+                delay = backoff_delay(delivery.attempts, self.settings.backoff, attempt.retry_after)
+                heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), delivery))
+                self._in_flight -= 1
+                self._cond.notify()
+                return
+        self._give_up([delivery])
+
+    def _finish(self, delivery: Delivery) -> None:
+        """A delivery is done (delivered or given up): release posts held for it."""
+        key = delivery.order_key
+        if delivery.is_pre and key in self._open_pres:
+            self._open_pres[key] -= 1
+            if self._open_pres[key] <= 0:
+                del self._open_pres[key]
+                held = self._held.pop(key, [])
+                self._held_count -= len(held)
+                self._ready.extend(held)
+                self._cond.notify(len(held))
+        if self._pending() == 0:
+            self._cond.notify_all()
+
+    def _give_up(self, deliveries: list[Delivery]) -> None:
+        """Record deliveries counted in ``_in_flight`` as failed, then drop them from it."""
+        if not deliveries:
+            return
+        written = self._record(deliveries)
+        with self._cond:
+            self._counters["failed"] += len(deliveries)
+            self._counters["dead_lettered" if written else "lost"] += len(deliveries)
+            self._in_flight -= len(deliveries)
+            for delivery in deliveries:
+                self._finish(delivery)
+
+    def _record(self, deliveries: list[Delivery]) -> bool:
+        """Hand given-up deliveries to the handler or the dead-letter file; say whether
+        they were kept."""
+        try:
+            for delivery in deliveries:
+                if delivery.body is None:  # never attempted: redact before it is written
+                    delivery.prepare(self.settings.redact)
+            if self._on_give_up is not None:
+                self._on_give_up(deliveries)
+                return True
+            if self._dead_letter is not None:
+                self._dead_letter.append(d.to_record() for d in deliveries)
+                return True
+        except Exception:
+            logger.exception("could not write %d hook(s) to the dead-letter file", len(deliveries))
+        self._log_lost(deliveries)
+        return False
+
+    def _log_lost(self, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        if now - self._last_lost_log < 10:  # rate-limited: a dead receiver floods otherwise
+            return
+        self._last_lost_log = now
+        first = deliveries[0]
+        logger.error(
+            "lost %d hook(s) (set XO_WEBHOOKS_DEAD_LETTER to keep them), e.g. %s %s for call %s "
+            "to %s: %s; see stats() for the count",
+            len(deliveries), first.payload.get("method"), first.payload.get("type"),
+            first.payload.get("callId"), first.hook.url, first.last_error,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"

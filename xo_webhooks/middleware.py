@@ -1,0 +1,304 @@
+"""The WSGI middleware: sends a web hook before and after configured JSON-RPC calls.
+
+Requests that cannot trigger a hook (no hooks, not a POST, not JSON, too large, not
+JSON-RPC, no matching method) go to the app untouched. For the others the body is read
+once, the app gets an identical copy, pre hooks are queued, and the app's response is
+streamed to the client unchanged while a capped copy of it feeds the post hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .config import Hook, Settings, load_settings
+from .delivery import Delivery
+from .dispatcher import Dispatcher, ThreadDispatcher
+from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
+from .matching import HookTable
+from .payload import User, post_payload, pre_payload
+from .wsgi import Capture, ObservedResponse, read_body
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["WebhookMiddleware", "remote_user", "USER_ENVIRON_KEY"]
+
+logger = logging.getLogger("xo_webhooks")
+
+USER_ENVIRON_KEY = "xo_webhooks.user"
+UserResolver = Callable[["WSGIEnvironment"], Optional[User]]
+NO_USER: User = (None, None)
+
+
+def remote_user(environ: WSGIEnvironment) -> Optional[User]:
+    """The default user resolver: ``REMOTE_USER`` gives both the id and the name."""
+    user = environ.get("REMOTE_USER")
+    return (user, user) if user else None
+
+
+@dataclass
+class _TrackedCall:
+    """A call that triggers hooks, with what its post hooks will need."""
+
+    call: Call
+    hooks: tuple[Hook, ...]
+    call_id: str
+    user: User
+    start_ms: int
+    start: float  # monotonic, for the duration
+
+    def payload(self, end: float, outcome: Outcome, user: User) -> dict[str, Any]:
+        duration = int((end - self.start) * 1000)
+        return post_payload(
+            self.call_id, user, self.call.method, self.call.params,
+            self.start_ms, self.start_ms + duration, outcome,
+        )  # fmt: skip
+
+
+class WebhookMiddleware:
+    """Send Xen Orchestra-style web hooks for the JSON-RPC calls of a WSGI app.
+
+    :param app: the WSGI application to wrap (for Flask, ``app.wsgi_app``).
+    :param hooks: hooks as dicts ``{"method", "type", "url", "format",
+        "waitForResponse", "secret", "headers"}``; when ``None`` they come from
+        ``XO_WEBHOOKS_HOOKS`` or the file named by ``XO_WEBHOOKS_CONFIG``.
+    :param user_resolver: ``f(environ) -> (user_id, user_name) | None``; by default
+        ``REMOTE_USER``. The app may also set ``environ["xo_webhooks.user"]`` during a
+        call, and the post hook uses it.
+    :param dispatcher: what delivers the hooks; by default a :class:`ThreadDispatcher`
+        (or the Celery one with ``XO_WEBHOOKS_DISPATCHER=celery``).
+    :param environ: the environment to configure from (``os.environ`` by default).
+    :param settings: any setting in snake_case (``timeout=2.5``, ``max_workers=8``,
+        ``max_body=...``, ``retries=...``, ``dead_letter=...``); wins over the
+        environment and the file.
+    :raises ConfigError: when the configuration is invalid, naming the bad field.
+
+    Usage::
+
+        from xo_webhooks import WebhookMiddleware
+        app.wsgi_app = WebhookMiddleware(app.wsgi_app, hooks=[
+            {"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:3000/"}])
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        hooks: Optional[Iterable[Mapping[str, Any]]] = None,
+        *,
+        user_resolver: Optional[UserResolver] = None,
+        dispatcher: Optional[Dispatcher] = None,
+        environ: Optional[Mapping[str, str]] = None,
+        **settings: Any,
+    ) -> None:
+        self.app = app
+        self.settings: Settings = load_settings(
+            None if hooks is None else list(hooks), environ, **settings
+        )
+        self.table = HookTable(self.settings.hooks)
+        self.user_resolver = user_resolver or remote_user
+        self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # Cheap checks first: most requests never have their body touched.
+        if (
+            not self.table
+            or environ.get("REQUEST_METHOD") != "POST"
+            or not _may_be_json(environ.get("CONTENT_TYPE", ""))
+        ):
+            return self.app(environ, start_response)
+        try:
+            tracked = self._track(environ)
+        except Exception:  # the middleware's own failure never reaches the client
+            logger.exception("xo-webhooks could not inspect a request; passing it through")
+            tracked = []
+        if not tracked:
+            return self.app(environ, start_response)
+        return self._observe(environ, start_response, tracked)
+
+    # -- public helpers -----------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every queued hook is delivered or given up; say whether it was."""
+        return self.dispatcher.flush(timeout)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Flush for up to *timeout* seconds (default ``XO_WEBHOOKS_SHUTDOWN_TIMEOUT``),
+        stop delivering, and dead-letter what is left. Also runs at interpreter exit."""
+        self.dispatcher.close(timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Delivery counters since start: accepted, delivered, retried, failed,
+        dead_lettered, lost, pending."""
+        return self.dispatcher.stats()
+
+    @contextmanager
+    def call(
+        self,
+        method: str,
+        params: Any = None,
+        user: Optional[User] = None,
+    ) -> Iterator[CallResult]:
+        """Send pre and post hooks around a block of the app's own work, as for an API
+        call (the plugin does this for backup jobs)::
+
+            with middleware.call("backup.run", params={"job": "nightly"}) as call:
+                call.result = run_backup()
+
+        If the block raises, the post hook carries the error and the exception goes on.
+        """
+        record = CallResult()
+        entry = Call(method, {} if params is None else params)
+        tracked = self._start([entry], user or NO_USER)
+        try:
+            yield record
+        except Exception as e:
+            self._finish(tracked, lambda _: internal_error(_describe(e)), {})
+            raise
+        self._finish(tracked, lambda _: Outcome(result=record.result), {})
+
+    # -- the request path ---------------------------------------------------------------
+
+    def _track(self, environ: WSGIEnvironment) -> list[_TrackedCall]:
+        body = read_body(environ, self.settings.max_body)
+        if not body:
+            return []
+        calls = parse_calls(body)
+        if not calls or not any(self.table.match(c.method) for c in calls):
+            return []
+        try:
+            user = self.user_resolver(environ) or NO_USER
+        except Exception:
+            logger.exception("the xo-webhooks user_resolver failed; sending no user")
+            user = NO_USER
+        return self._start(calls, user)
+
+    def _start(self, calls: list[Call], user: User) -> list[_TrackedCall]:
+        """Track the calls that trigger hooks and send their pre hooks."""
+        start_ms, start = int(time.time() * 1000), time.monotonic()
+        tracked = []
+        for call in calls:
+            hooks = self.table.match(call.method)
+            if hooks:
+                tracked.append(_TrackedCall(call, hooks, uuid.uuid4().hex, user, start_ms, start))
+        waiting = []
+        for entry in tracked:
+            pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
+            for hook in entry.hooks:
+                if hook.pre and hook.wait_for_response:
+                    waiting.append(Delivery(hook, pre))
+                elif hook.pre:
+                    self.dispatcher.submit(Delivery(hook, pre))
+        for delivery in waiting:  # by design, the call waits for these
+            self.dispatcher.deliver_now(delivery)
+        return tracked
+
+    def _observe(
+        self, environ: WSGIEnvironment, start_response: StartResponse, tracked: list[_TrackedCall]
+    ) -> Iterable[bytes]:
+        if not any(h.post for entry in tracked for h in entry.hooks):
+            return self.app(environ, start_response)
+        capture = Capture(self.settings.max_body)
+        try:
+            app_iter = self.app(environ, capture.start_response(start_response))
+        except Exception as e:
+            capture.exception = e
+            self._finish_request(tracked, capture, environ)
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
+            # A file is streamed by the server itself; never buffer it.
+            capture.overflow = True
+            self._finish_request(tracked, capture, environ)
+            return app_iter
+        return ObservedResponse(
+            app_iter, capture, lambda: self._finish_request(tracked, capture, environ)
+        )
+
+    def _finish_request(
+        self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
+    ) -> None:
+        outcomes = _outcomes(tracked, capture)
+        self._finish(tracked, lambda entry: outcomes[entry.call_id], environ)
+
+    def _finish(
+        self,
+        tracked: list[_TrackedCall],
+        outcome_of: Callable[[_TrackedCall], Outcome],
+        environ: Mapping[str, Any],
+    ) -> None:
+        """Queue the post hooks of *tracked* calls."""
+        end = time.monotonic()
+        late_user = environ.get(USER_ENVIRON_KEY)
+        for entry in tracked:
+            user = tuple(late_user) if _is_user(late_user) else entry.user
+            payload = None
+            for hook in entry.hooks:
+                if hook.post:
+                    payload = payload or entry.payload(end, outcome_of(entry), user)  # type: ignore[arg-type]
+                    self.dispatcher.submit(Delivery(hook, payload))
+
+
+@dataclass
+class CallResult:
+    """The result of a :meth:`WebhookMiddleware.call` block; set ``result`` in it."""
+
+    result: Any = None
+
+
+def _outcomes(tracked: list[_TrackedCall], capture: Capture) -> dict[str, Outcome]:
+    """The outcome of each tracked call, by call id, from what the app answered."""
+    failure = None
+    if capture.exception is not None:
+        failure = internal_error(_describe(capture.exception))
+    elif not 200 <= capture.status_code < 300:
+        failure = internal_error(f"the application answered HTTP {capture.status or '(none)'}")
+    if failure is not None:
+        return {entry.call_id: failure for entry in tracked}
+    answers = None
+    if not capture.overflow:
+        answers = parse_outcomes(capture.body)
+    outcomes = {}
+    for entry in tracked:
+        if entry.call.is_notification:
+            outcomes[entry.call_id] = Outcome(result=None)
+        elif capture.overflow:
+            outcomes[entry.call_id] = internal_error("response not inspected: larger than maxBody")
+        elif answers is None:
+            outcomes[entry.call_id] = internal_error("the response is not a JSON-RPC response")
+        else:
+            answer = answers.get(outcome_key(entry.call.id))
+            if answer is None and len(answers) == 1 and None in answers:
+                answer = answers[None]  # an error the server could not tie to an id
+            outcomes[entry.call_id] = answer or internal_error("no response for this call")
+    return outcomes
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def _is_user(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(v is None or isinstance(v, str) for v in value)
+    )
+
+
+def _may_be_json(content_type: str) -> bool:
+    """JSON-RPC clients send JSON, sometimes labelled text/plain or not at all."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return "json" in kind or kind == "text/plain"
+
+
+def make_dispatcher(settings: Settings) -> Dispatcher:
+    """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
+    return ThreadDispatcher(settings)

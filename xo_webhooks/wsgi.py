@@ -1,0 +1,188 @@
+"""WSGI plumbing: reading a request body safely and observing a response unchanged."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+__all__ = ["read_body", "Capture", "ObservedResponse"]
+
+logger = logging.getLogger("xo_webhooks")
+CHUNK = 64 * 1024
+
+
+def read_body(environ: WSGIEnvironment, limit: int) -> Optional[bytes]:
+    """Read a request body of at most *limit* bytes and put an equivalent stream back.
+
+    Returns ``None``, leaving the app's view of the input as it was, when the body
+    cannot be read safely: too large, or of unknown length on a server that does not
+    mark the end of the input (``wsgi.input_terminated``).
+    """
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH", "")
+    if length:
+        try:
+            expected = int(length)
+        except ValueError:
+            return None
+        if expected < 0 or expected > limit:
+            return None
+        body = _read(stream, expected)
+    elif environ.get("wsgi.input_terminated"):  # chunked: read to the end, up to a cap
+        body = _read(stream, limit + 1)
+        if len(body) > limit:
+            environ["wsgi.input"] = _PrefixedInput.wrap(body, stream)
+            return None
+    else:
+        return None
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+def _read(stream: Any, size: int) -> bytes:
+    parts = []
+    remaining = size
+    while remaining > 0:
+        chunk = stream.read(min(remaining, CHUNK))
+        if not chunk:
+            break  # the client went away early: hand the app what there was
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
+class _PrefixedInput(io.RawIOBase):
+    """The bytes already read, then the rest of the original stream."""
+
+    def __init__(self, prefix: bytes, stream: Any) -> None:
+        self._prefix = memoryview(prefix)
+        self._stream = stream
+
+    @classmethod
+    def wrap(cls, prefix: bytes, stream: Any) -> io.BufferedReader:
+        return io.BufferedReader(cls(prefix, stream))
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class Capture:
+    """What the app answered: status, a capped copy of the body, and any exception.
+
+    :param limit: the most body bytes kept; past it ``overflow`` is set.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status: Optional[str] = None
+        self.exception: Optional[BaseException] = None
+        self.overflow = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def start_response(self, start_response: StartResponse) -> StartResponse:
+        """Wrap the server's ``start_response``: record the status, pass ``exc_info``
+        on, and return a ``write()`` that still writes, keeping a copy."""
+
+        def observed_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            self.status = status
+            if exc_info is None:
+                write = start_response(status, headers)
+            else:
+                write = start_response(status, headers, exc_info)
+
+            def observed_write(data: bytes) -> Any:
+                self.add(data)
+                return write(data)
+
+            return observed_write
+
+        return observed_start_response  # type: ignore[return-value]
+
+    def add(self, chunk: bytes) -> None:
+        """Keep *chunk* while under the limit."""
+        if self.overflow:
+            return
+        self._size += len(chunk)
+        if self._size > self.limit:
+            self.overflow = True
+            self._chunks.clear()
+        else:
+            self._chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        """The captured body (empty once it overflowed)."""
+        return b"".join(self._chunks)
+
+    @property
+    def status_code(self) -> int:
+        """The numeric status, or 0 before ``start_response`` was called."""
+        try:
+            return int((self.status or "0").split(None, 1)[0])
+        except ValueError:
+            return 0
+
+
+class ObservedResponse:
+    """Yields the app's response unchanged while a :class:`Capture` keeps a copy; on
+    ``close()`` closes the app's iterable exactly once, then calls *on_done* once.
+
+    :param app_iter: the iterable the wrapped app returned.
+    :param capture: where chunks and an exception raised mid-iteration are recorded.
+    :param on_done: called after the app's iterable is closed; its errors are logged.
+    """
+
+    def __init__(self, app_iter: Iterable[bytes], capture: Capture, on_done: Callable[[], None]):
+        self._app_iter = app_iter
+        self._iterator: Optional[Iterator[bytes]] = None
+        self._capture = capture
+        self._on_done = on_done
+        self._closed = False
+
+    def __iter__(self) -> ObservedResponse:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._app_iter)
+            chunk = next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self._capture.exception = e
+            raise
+        self._capture.add(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Close the app's iterable, then report the outcome; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        finally:
+            try:
+                self._on_done()
+            except Exception:  # the middleware's own failure never reaches the client
+                logger.exception("xo-webhooks could not send the post hooks of a call")
