@@ -1,0 +1,80 @@
+"""Shared fixtures: real servers on 127.0.0.1 with ephemeral ports, stopped afterwards.
+
+The ``webhook_receiver`` fixture comes from the package's own pytest plugin, through its
+entry point, as in a consumer project.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+from werkzeug.serving import make_server
+
+from xo_webhooks import WebhookMiddleware
+
+from .apps import create_app
+
+
+class ServedApp:
+    """A WSGI app served by werkzeug's threaded server on a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], ServedApp]]:
+    """``serve(app)`` starts a real server for *app* and returns it (``.url``)."""
+    served: list[ServedApp] = []
+
+    def start(app: Any) -> ServedApp:
+        served.append(ServedApp(app))
+        return served[-1]
+
+    yield start
+    for server in served:
+        server.stop()
+
+
+@pytest.fixture
+def flask_app():
+    """A fresh Flask JSON-RPC app (see tests/apps.py)."""
+    return create_app()
+
+
+@pytest.fixture
+def wrap() -> Iterator[Callable[..., WebhookMiddleware]]:
+    """``wrap(app, **kwargs)`` builds a middleware with an empty environment (so the
+    developer's own variables never leak in) and closes it at teardown."""
+    built: list[WebhookMiddleware] = []
+
+    def make(app: Any, **kwargs: Any) -> WebhookMiddleware:
+        kwargs.setdefault("environ", {})
+        built.append(WebhookMiddleware(app, **kwargs))
+        return built[-1]
+
+    yield make
+    for middleware in built:
+        middleware.close(5)
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (the port was just freed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
