@@ -206,7 +206,7 @@ def test_refused_connections_neither_slow_nor_break_the_api(serve, wrap, refused
 def test_slow_receiver_neither_slows_nor_breaks_the_api(serve, wrap, webhook_receiver):
     webhook_receiver.respond_with(204, delay=5)
     hooks = [{"method": "vm.start", "type": "pre/post", "url": webhook_receiver.url}]
-    middleware = wrap(create_app().wsgi_app, hooks=hooks, timeout=10, max_workers=2)
+    middleware = wrap(create_app().wsgi_app, hooks=hooks, timeout=10, max_workers=2, retries=0)
     url = serve(middleware).url + "/api"
     elapsed = _timed_calls(url)
     # Each hook takes 5 s to be answered; 20 of them on 2 workers would take 50 s if

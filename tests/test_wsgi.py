@@ -1,0 +1,292 @@
+"""The WSGI pitfalls (STYLE.md), each checked inside werkzeug's LintMiddleware and
+wsgiref's validator, in-process. A recording dispatcher stands in for delivery here:
+these tests are about the request path; delivery has its own, over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import warnings
+from wsgiref.util import FileWrapper
+from wsgiref.validate import validator
+
+import pytest
+from werkzeug.middleware.lint import LintMiddleware
+from werkzeug.test import Client, EnvironBuilder
+
+from xo_webhooks import WebhookMiddleware
+from xo_webhooks.wsgi import read_body
+
+CALL = {"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"id": "vm-1"}}
+RESULT = b'{"jsonrpc": "2.0", "id": 1, "result": "ok"}'
+HOOKS = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
+
+
+class RecordingDispatcher:
+    """Keeps what the middleware hands over instead of sending it."""
+
+    def __init__(self):
+        self.deliveries = []
+
+    def submit(self, delivery):
+        self.deliveries.append(delivery)
+
+    def deliver_now(self, delivery):
+        self.deliveries.append(delivery)
+        return True
+
+    def flush(self, timeout=None):
+        return True
+
+    def close(self, timeout=None):
+        pass
+
+    def stats(self):
+        return {}
+
+    def payloads(self, kind):
+        return [d.payload for d in self.deliveries if d.payload["type"] == kind]
+
+
+class Closing:
+    """A response iterable that counts its close() calls."""
+
+    def __init__(self, chunks, fail_at=None):
+        self.chunks, self.fail_at, self.closed = chunks, fail_at, 0
+
+    def __iter__(self):
+        for n, chunk in enumerate(self.chunks):
+            if n == self.fail_at:
+                raise ValueError("broke mid-response")
+            yield chunk
+
+    def close(self):
+        self.closed += 1
+
+
+def plain_app(environ, start_response):
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [RESULT]
+
+
+def late_start_app(environ, start_response):
+    def body():  # start_response is only called at the first next()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        yield RESULT[:10]
+        yield RESULT[10:]
+
+    return body()
+
+
+def write_app(environ, start_response):
+    write = start_response("200 OK", [("Content-Type", "application/json")])
+    write(RESULT[:20])
+    return [RESULT[20:]]
+
+
+def raising_app(environ, start_response):
+    raise KeyError("before any response")
+
+
+def exc_info_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    try:
+        raise RuntimeError("changed my mind")
+    except RuntimeError:
+        start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+    return [b"oops"]
+
+
+def wrappers():
+    return [
+        pytest.param(lambda app: LintMiddleware(app), id="lint-outside"),
+        pytest.param(lambda app: validator(app), id="validator-outside"),
+    ]
+
+
+def build(app, outer, dispatcher=None):
+    dispatcher = dispatcher or RecordingDispatcher()
+    middleware = WebhookMiddleware(validator(app), hooks=HOOKS, dispatcher=dispatcher, environ={})
+    return Client(outer(middleware)), dispatcher
+
+
+def post(client, body=None):
+    data = json.dumps(CALL).encode() if body is None else body
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lint warns about things the *client* does
+        response = client.post("/", data=data, content_type="application/json")
+        response.get_data()
+        response.close()
+    return response
+
+
+@pytest.mark.parametrize("outer", wrappers())
+@pytest.mark.parametrize(
+    "app", [plain_app, late_start_app, write_app], ids=["plain", "late-start-response", "write"]
+)
+def test_response_unchanged_and_post_has_result(app, outer):
+    client, dispatcher = build(app, outer)
+    response = post(client)
+    assert response.status_code == 200
+    assert response.get_data() == RESULT
+    assert [p["result"] for p in dispatcher.payloads("post")] == ["ok"]
+    assert len(dispatcher.payloads("pre")) == 1
+
+
+@pytest.mark.parametrize("outer", wrappers())
+def test_app_raising_before_response_propagates_unchanged(outer):
+    client, dispatcher = build(raising_app, outer)
+    with pytest.raises(KeyError, match="before any response"):
+        post(client)
+    (payload,) = dispatcher.payloads("post")
+    assert payload["error"]["code"] == -32603
+    assert "KeyError" in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("outer", wrappers())
+def test_exc_info_reaches_a_server_that_reraises_it(outer):
+    # werkzeug's test client re-raises any exc_info it is given: it arrives intact.
+    client, dispatcher = build(exc_info_app, outer)
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        post(client)
+
+
+def test_exc_info_reaches_a_server_that_accepts_it():
+    calls = []
+
+    def start_response(status, headers, exc_info=None):
+        calls.append((status, exc_info))
+        return lambda data: None
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(exc_info_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, start_response)
+    assert b"".join(response) == b"oops"
+    response.close()
+    assert [status for status, _ in calls] == ["200 OK", "500 Internal Server Error"]
+    assert calls[0][1] is None and calls[1][1][0] is RuntimeError
+    (payload,) = dispatcher.payloads("post")
+    assert "500" in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("fail_at", [None, 1], ids=["complete", "raises-mid-iteration"])
+def test_app_iterable_closed_exactly_once(fail_at):
+    iterables = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        iterables.append(Closing([RESULT[:5], RESULT[5:]], fail_at=fail_at))
+        return iterables[-1]
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda status, headers, exc_info=None: None)
+    try:
+        if fail_at is None:
+            assert b"".join(response) == RESULT
+        else:
+            with pytest.raises(ValueError, match="broke mid-response"):
+                list(response)
+    finally:
+        response.close()
+        response.close()  # a second close is harmless and does not reach the app twice
+    assert iterables[0].closed == 1
+    (payload,) = dispatcher.payloads("post")
+    if fail_at is None:
+        assert payload["result"] == "ok"
+    else:
+        assert "ValueError" in payload["error"]["message"]
+
+
+def test_file_wrapper_is_returned_untouched():
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(RESULT))
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    environ["wsgi.file_wrapper"] = FileWrapper
+    response = middleware(environ, lambda status, headers, exc_info=None: None)
+    assert isinstance(response, FileWrapper)
+    (payload,) = dispatcher.payloads("post")
+    assert payload["error"]["message"].startswith("response not inspected")
+
+
+def test_response_over_the_limit_is_streamed_not_buffered():
+    chunks = [b"x" * 1000] * 50
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return iter(chunks)
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={}, max_body=10_000)
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda status, headers, exc_info=None: None)
+    assert list(response) == chunks
+    response.close()
+    (payload,) = dispatcher.payloads("post")
+    assert "larger than maxBody" in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "OPTIONS"])
+def test_non_post_requests_are_not_inspected(method):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ["wsgi.input"])
+        start_response("204 No Content", [])
+        return []
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method=method, json=CALL).get_environ()
+    original = environ["wsgi.input"]
+    assert middleware(environ, lambda *a: None) == []
+    assert seen == [original] and dispatcher.deliveries == []
+
+
+class OneShotInput:
+    """A server's input stream: reads at most what is asked, never seeks."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+        self.sizes = []
+
+    def read(self, size=-1):
+        self.sizes.append(size)
+        return self._data.read(size)
+
+
+@pytest.mark.parametrize(
+    "environ_extra, body, expected",
+    [
+        pytest.param({"CONTENT_LENGTH": "5"}, b"hello world", b"hello", id="content-length"),
+        pytest.param({"wsgi.input_terminated": True}, b"chunked", b"chunked", id="terminated"),
+        pytest.param({}, b"ignored", None, id="unknown-length-not-terminated"),
+        pytest.param({"CONTENT_LENGTH": "nope"}, b"x", None, id="bad-content-length"),
+        pytest.param({"CONTENT_LENGTH": "20"}, b"x" * 20, None, id="over-limit"),
+    ],
+)
+def test_read_body(environ_extra, body, expected):
+    stream = OneShotInput(body)
+    environ = {"wsgi.input": stream, **environ_extra}
+    assert read_body(environ, limit=16) == expected
+    assert all(size is not None and size >= 0 for size in stream.sizes)  # never read() unbounded
+    if expected is None:  # not inspected: the app still sees every byte
+        assert environ["wsgi.input"].read(100) == body
+    else:
+        assert environ["wsgi.input"].read(100) == expected
+        assert environ["CONTENT_LENGTH"] == str(len(expected))
+
+
+def test_chunked_body_over_the_limit_reaches_the_app_whole():
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": "' + b"a" * 100 + b'"}'
+    environ = {"wsgi.input": OneShotInput(body), "wsgi.input_terminated": True}
+    assert read_body(environ, limit=32) is None
+    assert environ["wsgi.input"].read(1000) + environ["wsgi.input"].read(1000) == body
