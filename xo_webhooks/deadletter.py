@@ -11,12 +11,33 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
-__all__ = ["DeadLetterFile", "read_records"]
+__all__ = ["DeadLetterStore", "DeadLetterFile", "open_dead_letter", "read_records"]
 
 logger = logging.getLogger("xo_webhooks.deadletter")
+
+
+class DeadLetterStore(Protocol):
+    """Where given-up hooks are kept: a JSON Lines file, or a Redis list."""
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Keep *records*; raise on failure so the caller counts them as lost."""
+
+    def taken(self) -> AbstractContextManager[list[dict[str, Any]]]:
+        """Remove every record from the store and yield them; the caller appends back
+        what it could not handle. Records appended meanwhile are not taken."""
+
+
+def open_dead_letter(target: str) -> DeadLetterStore:
+    """The store for *target*: a ``redis://`` URL (needs the ``celery`` extra) or a path."""
+    if target.startswith(("redis://", "rediss://")):
+        from .deadletter_redis import RedisDeadLetter
+
+        return RedisDeadLetter(target)
+    return DeadLetterFile(target)
 
 
 class DeadLetterFile:
@@ -48,6 +69,15 @@ class DeadLetterFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    @contextmanager
+    def taken(self) -> Iterator[list[dict[str, Any]]]:
+        """Move the file aside and yield its records; remove the copy once done. A
+        crash in between leaves ``<path>.replaying-<pid>`` on disk, nothing lost."""
+        working = f"{self.path}.replaying-{os.getpid()}"
+        os.replace(self.path, working)
+        yield read_records(working)
+        os.remove(working)
 
     def __repr__(self) -> str:
         return f"DeadLetterFile({self.path!r})"

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from typing import Any, Callable, Optional, Protocol
 
 from .config import Settings
-from .deadletter import DeadLetterFile
+from .deadletter import open_dead_letter
 from .delivery import Attempt, Delivery, Sender, backoff_delay
 
 __all__ = ["Dispatcher", "ThreadDispatcher", "STAT_NAMES"]
@@ -71,7 +71,7 @@ class ThreadDispatcher:
         self.settings = settings
         self.sender = sender or Sender(settings)
         self._on_give_up = on_give_up
-        self._dead_letter = DeadLetterFile(settings.dead_letter) if settings.dead_letter else None
+        self._dead_letter = open_dead_letter(settings.dead_letter) if settings.dead_letter else None
         self._last_lost_log = 0.0
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks

@@ -301,4 +301,8 @@ def _may_be_json(content_type: str) -> bool:
 
 def make_dispatcher(settings: Settings) -> Dispatcher:
     """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
+    if settings.dispatcher == "celery":  # imported only when asked: an optional extra
+        from .celery import CeleryDispatcher
+
+        return CeleryDispatcher(settings)
     return ThreadDispatcher(settings)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Hook, Settings
-from .deadletter import DeadLetterFile, read_records
+from .deadletter import open_dead_letter
 from .delivery import Delivery
 from .dispatcher import ThreadDispatcher
 
@@ -24,29 +23,27 @@ class ReplayReport:
     failed: int
 
 
-def replay(path: str, settings: Settings) -> ReplayReport:
-    """Re-send every record of the dead-letter file at *path* with the configured
-    retries, then leave in *path* only what still failed.
+def replay(target: str, settings: Settings) -> ReplayReport:
+    """Re-send every record of a dead-letter file (or ``redis://`` list) with the
+    configured retries, then leave in it only what still failed.
 
-    The file is first moved aside, so hooks that a running app dead-letters meanwhile
-    land in a new *path* and are kept; what still fails is appended back to it. Each
-    record goes to its URL with the signing secret and headers of the configured hook
-    for that URL (else the global secret): neither is ever stored in the file.
+    The records are first taken out of the store, so hooks that a running app
+    dead-letters meanwhile are kept apart and never overwritten; what still fails is
+    appended back. Each record goes to its URL with the signing secret and headers of
+    the configured hook for that URL (else the global secret): neither is ever stored.
     """
-    working = f"{path}.replaying-{os.getpid()}"
-    os.replace(path, working)
-    records = read_records(working)
+    store = open_dead_letter(target)
     failed: list[dict[str, Any]] = []
     dispatcher = ThreadDispatcher(
         dataclasses.replace(settings, dead_letter=None),
         on_give_up=lambda deliveries: failed.extend(d.to_record() for d in deliveries),
     )
-    for record in records:
-        dispatcher.submit(_delivery(record, settings))
-    dispatcher.flush()
-    dispatcher.close(0)
-    DeadLetterFile(path).append(failed)
-    os.remove(working)
+    with store.taken() as records:
+        for record in records:
+            dispatcher.submit(_delivery(record, settings))
+        dispatcher.flush()
+        dispatcher.close(0)
+        store.append(failed)
     return ReplayReport(read=len(records), delivered=len(records) - len(failed), failed=len(failed))
 
 
