@@ -46,9 +46,16 @@ def by_type(hooks):
 
 def test_vm_start_sends_pre_and_post(api, webhook_receiver):
     params = {"id": "vm-1", "password": "hunter2"}
-    answer = rpc(api, {"jsonrpc": "2.0", "id": 7, "method": "vm.start", "params": params},
-                 headers={"User-Agent": "pytest"})
-    assert answer.json() == {"jsonrpc": "2.0", "id": 7, "result": {"id": "vm-1", "power_state": "Running"}}
+    answer = rpc(
+        api,
+        {"jsonrpc": "2.0", "id": 7, "method": "vm.start", "params": params},
+        headers={"User-Agent": "pytest"},
+    )
+    assert answer.json() == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "result": {"id": "vm-1", "power_state": "Running"},
+    }
 
     pre, post = by_type(webhook_receiver.wait_for(2))
     assert pre["method"] == post["method"] == "vm.start"
@@ -96,7 +103,9 @@ def test_batch_gives_each_call_its_own_hooks(api, webhook_receiver):
         validate_payload(hook.payload)
         calls.setdefault(hook.payload["callId"], {})[hook.payload["type"]] = hook.payload
     assert len(calls) == 2
-    outcomes = {c["post"]["method"]: c["post"].get("result", c["post"].get("error")) for c in calls.values()}
+    outcomes = {
+        c["post"]["method"]: c["post"].get("result", c["post"].get("error")) for c in calls.values()
+    }
     assert outcomes == {
         "vm.start": {"id": "a", "power_state": "Running"},
         "vm.fail": {"code": 13, "message": "VM is locked", "data": {"token": "***"}},
@@ -111,8 +120,15 @@ def test_notification_gets_post_with_null_result(api, webhook_receiver):
 
 
 def test_late_user_set_by_the_app(api, webhook_receiver):
-    rpc(api, {"jsonrpc": "2.0", "id": 1, "method": "session.signIn",
-              "params": {"username": "alice@example.org", "password": "pw"}})
+    rpc(
+        api,
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "session.signIn",
+            "params": {"username": "alice@example.org", "password": "pw"},
+        },
+    )
     (post,) = webhook_receiver.wait_for(1)
     validate_payload(post.payload)
     assert (post.payload["userId"], post.payload["userName"]) == ("u-42", "alice@example.org")
@@ -137,21 +153,37 @@ def test_remote_user_is_the_default_user(webhook_receiver, serve, wrap):
 @pytest.mark.parametrize(
     "body, content_type",
     [
-        pytest.param(b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start"', "application/json", id="truncated-json"),
+        pytest.param(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start"',
+            "application/json",
+            id="truncated-json",
+        ),
         pytest.param(b"\xff\xfe not json at all", "application/json", id="binary"),
         pytest.param(b'{"hello": "world"}', "application/json", id="json-not-rpc"),
-        pytest.param(b'[{"jsonrpc": "2.0", "id": 1, "method": "vm.start"}, 3]', "application/json",
-                     id="batch-with-junk"),
-        pytest.param(b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start"}', "multipart/form-data; boundary=x",
-                     id="form-content-type"),
+        pytest.param(
+            b'[{"jsonrpc": "2.0", "id": 1, "method": "vm.start"}, 3]',
+            "application/json",
+            id="batch-with-junk",
+        ),
+        pytest.param(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start"}',
+            "multipart/form-data; boundary=x",
+            id="form-content-type",
+        ),
         pytest.param(b"", "application/json", id="empty"),
-        pytest.param(b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"x": "'
-                     + b"a" * 2_000_000 + b'"}}', "application/json", id="over-max-body"),
+        pytest.param(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"x": "'
+            + b"a" * 2_000_000
+            + b'"}}',
+            "application/json",
+            id="over-max-body",
+        ),
     ],
 )
 @pytest.mark.parametrize("transfer", ["content-length", "chunked"])
-def test_malformed_bodies_pass_through_byte_for_byte(body, content_type, transfer, serve, wrap,
-                                                     webhook_receiver):
+def test_malformed_bodies_pass_through_byte_for_byte(
+    body, content_type, transfer, serve, wrap, webhook_receiver
+):
     hooks = [{"method": "*", "type": "pre/post", "url": webhook_receiver.url}]
     bare = serve(create_app().wsgi_app).url + "/echo"
     wrapped = serve(wrap(create_app().wsgi_app, hooks=hooks)).url + "/echo"
@@ -184,7 +216,9 @@ def _timed_calls(url, count=10):
     with requests.Session() as session:
         started = time.perf_counter()
         for n in range(count):
-            answer = session.post(url, json={"jsonrpc": "2.0", "id": n, "method": "vm.start"}, timeout=10)
+            answer = session.post(
+                url, json={"jsonrpc": "2.0", "id": n, "method": "vm.start"}, timeout=10
+            )
             assert answer.json()["result"]["power_state"] == "Running"
         return time.perf_counter() - started
 
@@ -218,7 +252,9 @@ def test_slow_receiver_neither_slows_nor_breaks_the_api(serve, wrap, webhook_rec
 
 def test_wait_for_response_holds_the_call(serve, wrap, webhook_receiver):
     webhook_receiver.respond_with(204, delay=0.5)
-    hooks = [{"method": "vm.start", "type": "pre", "url": webhook_receiver.url, "waitForResponse": True}]
+    hooks = [
+        {"method": "vm.start", "type": "pre", "url": webhook_receiver.url, "waitForResponse": True}
+    ]
     url = serve(wrap(create_app().wsgi_app, hooks=hooks)).url + "/api"
     started = time.perf_counter()
     rpc(url, {"jsonrpc": "2.0", "id": 1, "method": "vm.start"})

@@ -123,7 +123,9 @@ def test_connection_closed_mid_response_is_retried(dispatch, webhook_receiver):
 
 
 @pytest.mark.parametrize("status", [410, 400, 302])
-def test_answers_not_worth_retrying_are_given_up_at_once(status, dispatch, webhook_receiver, tmp_path):
+def test_answers_not_worth_retrying_are_given_up_at_once(
+    status, dispatch, webhook_receiver, tmp_path
+):
     webhook_receiver.respond_with(status)
     dispatcher, hook = dispatch(webhook_receiver.url)
     dispatcher.submit(Delivery(hook, payload()))
@@ -230,7 +232,9 @@ def test_dead_letter_lines_survive_a_torn_write(tmp_path):
 
 def test_wait_for_response_holds_the_first_attempt_only(webhook_receiver, serve, wrap):
     webhook_receiver.respond_with(500, 204)
-    hooks = [{"method": "vm.start", "type": "pre", "url": webhook_receiver.url, "waitForResponse": True}]
+    hooks = [
+        {"method": "vm.start", "type": "pre", "url": webhook_receiver.url, "waitForResponse": True}
+    ]
     middleware = wrap(create_app().wsgi_app, hooks=hooks, backoff=0.5)
     url = serve(middleware).url + "/api"
     import requests
@@ -245,10 +249,25 @@ def test_wait_for_response_holds_the_first_attempt_only(webhook_receiver, serve,
 
 def test_replay_resends_and_keeps_only_what_still_fails(tmp_path, webhook_receiver, refused_url):
     path = tmp_path / "dead.jsonl"
-    good = [{"id": f"msg_{n}", "url": webhook_receiver.url, "format": "json",
-             "payload": payload(f"c{n}"), "attempts": 6, "lastError": "HTTP 503"} for n in range(3)]
-    bad = {"id": "msg_bad", "url": refused_url, "format": "json", "payload": payload("cbad"),
-           "attempts": 6, "lastError": "connection failed"}
+    good = [
+        {
+            "id": f"msg_{n}",
+            "url": webhook_receiver.url,
+            "format": "json",
+            "payload": payload(f"c{n}"),
+            "attempts": 6,
+            "lastError": "HTTP 503",
+        }
+        for n in range(3)
+    ]
+    bad = {
+        "id": "msg_bad",
+        "url": refused_url,
+        "format": "json",
+        "payload": payload("cbad"),
+        "attempts": 6,
+        "lastError": "connection failed",
+    }
     path.write_text("".join(json.dumps(r) + "\n" for r in [*good, bad]))
     settings = load_settings([], {}, retries=1, backoff=0.01, secret="whsec_" + "B" * 32)
 

@@ -144,10 +144,14 @@ def check_every_hook_accounted_for(tmp_path, receiver, answers: dict[int, dict])
         pytest.param(("--worker-class", "sync"), id="sync"),
         pytest.param(("--worker-class", "gthread", "--threads", "4"), id="gthread"),
         pytest.param(("--worker-class", "sync", "--preload"), id="sync-preload"),
-        pytest.param(("--worker-class", "gthread", "--threads", "4", "--preload"), id="gthread-preload"),
+        pytest.param(
+            ("--worker-class", "gthread", "--threads", "4", "--preload"), id="gthread-preload"
+        ),
     ],
 )
-def test_gunicorn_workers_deliver_and_flush_on_graceful_stop(args, gunicorn, webhook_receiver, tmp_path):
+def test_gunicorn_workers_deliver_and_flush_on_graceful_stop(
+    args, gunicorn, webhook_receiver, tmp_path
+):
     server = gunicorn(webhook_receiver.url, *args)
     answers = call_many(server.url, 50)
     assert server.stop() == 0, "".join(server.log)

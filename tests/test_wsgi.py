@@ -95,7 +95,9 @@ def exc_info_app(environ, start_response):
     try:
         raise RuntimeError("changed my mind")
     except RuntimeError:
-        start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+        start_response(
+            "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+        )
     return [b"oops"]
 
 
@@ -225,7 +227,9 @@ def test_response_over_the_limit_is_streamed_not_buffered():
         return iter(chunks)
 
     dispatcher = RecordingDispatcher()
-    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={}, max_body=10_000)
+    middleware = WebhookMiddleware(
+        app, hooks=HOOKS, dispatcher=dispatcher, environ={}, max_body=10_000
+    )
     environ = EnvironBuilder(method="POST", json=CALL).get_environ()
     response = middleware(environ, lambda status, headers, exc_info=None: None)
     assert list(response) == chunks
@@ -290,3 +294,18 @@ def test_chunked_body_over_the_limit_reaches_the_app_whole():
     environ = {"wsgi.input": OneShotInput(body), "wsgi.input_terminated": True}
     assert read_body(environ, limit=32) is None
     assert environ["wsgi.input"].read(1000) + environ["wsgi.input"].read(1000) == body
+
+
+def test_post_hook_once_the_body_is_read_even_if_never_closed():
+    # Flask's and werkzeug's test clients do not close unbuffered responses.
+    from .apps import create_app
+
+    dispatcher = RecordingDispatcher()
+    app = create_app()
+    app.wsgi_app = WebhookMiddleware(app.wsgi_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    response = app.test_client().post("/api", json=CALL)
+    assert response.get_json()["result"]["power_state"] == "Running"
+    (payload,) = dispatcher.payloads("post")
+    assert payload["result"] == {"id": "vm-1", "power_state": "Running"}
+    response.close()
+    assert len(dispatcher.payloads("post")) == 1

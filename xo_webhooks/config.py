@@ -12,11 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from jsonschema import ValidationError
 
@@ -68,7 +69,7 @@ class Hook:
     url: str
     format: str = "json"
     wait_for_response: bool = False
-    secret: Optional[str] = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
@@ -87,7 +88,7 @@ class Hook:
         return self.secret is not None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], secret: Optional[str] = None) -> Hook:
+    def from_dict(cls, raw: Mapping[str, Any], secret: str | None = None) -> Hook:
         """Build a hook from its validated camelCase form; *secret* is the global default."""
         return cls(
             method=raw["method"],
@@ -111,13 +112,13 @@ class Settings:
     retries: int = DEFAULTS["retries"]
     backoff: float = DEFAULTS["backoff"]
     queue_size: int = DEFAULTS["queueSize"]
-    dead_letter: Optional[str] = None
+    dead_letter: str | None = None
     shutdown_timeout: float = DEFAULTS["shutdownTimeout"]
-    secret: Optional[str] = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
     redact: tuple[str, ...] = DEFAULT_REDACT
-    ca_bundle: Optional[str] = None
+    ca_bundle: str | None = None
     dispatcher: str = "thread"
-    broker_url: Optional[str] = field(default=None, repr=False)
+    broker_url: str | None = field(default=None, repr=False)
 
 
 def camel_to_snake(name: str) -> str:
@@ -136,8 +137,8 @@ SNAKE_TO_CAMEL = {camel_to_snake(k): k for k in SETTING_KEYS}
 
 
 def load_settings(
-    hooks: Optional[list[Mapping[str, Any]]] = None,
-    environ: Optional[Mapping[str, str]] = None,
+    hooks: list[Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
     """Load, merge and validate the configuration; raise :class:`ConfigError` if it is bad.
@@ -164,7 +165,7 @@ def load_settings(
             sources[key] = name
 
     if hooks is not None:
-        document["hooks"] = list(hooks)
+        document["hooks"] = hooks if isinstance(hooks, Mapping) else list(hooks)
         sources["hooks"] = "hooks"
     for snake, value in overrides.items():
         if snake not in SNAKE_TO_CAMEL:
@@ -188,7 +189,7 @@ def _read_file(path: str) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"{where}: not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object {{\"hooks\": [...], ...}}")
+        raise ConfigError(f'{where}: expected a JSON object {{"hooks": [...], ...}}')
     return data
 
 
@@ -208,7 +209,7 @@ def _parse_env(name: str, raw: str, key: str) -> Any:
         if kind == "integer":
             return int(text)
         if kind == "number":
-            return float(text)
+            return float(text)  # "nan" converts; _validate rejects it by name
     except ValueError:
         return raw
     return raw
@@ -218,6 +219,10 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
     errors = sorted(validator("config").iter_errors(document), key=_error_order)
     if errors:
         raise ConfigError(_describe(errors[0], sources))
+    for key in SETTING_KEYS:  # NaN slips through every minimum and maximum
+        value = document.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{sources[key]}: must be a finite number, not {value}")
     secrets = [("secret", document.get("secret"))]
     secrets += [
         (f"{sources['hooks']}[{i}].secret", hook.get("secret"))
@@ -227,14 +232,16 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
         if secret is None:
             continue
         try:
-            base64.b64decode(secret[len("whsec_"):], validate=True)
+            base64.b64decode(secret[len("whsec_") :], validate=True)
         except binascii.Error:
             where = sources.get(where, where)
             raise ConfigError(f"{where}: must be whsec_ followed by valid base64") from None
 
 
-def _error_order(error: ValidationError) -> tuple[int, list[str]]:
-    return (len(error.absolute_path), [str(p) for p in error.absolute_path])
+def _error_order(error: ValidationError) -> list[tuple[int, Any]]:
+    # Shallowest first, then in document order (hooks[2] before hooks[10]).
+    path = [(0, p) if isinstance(p, int) else (1, str(p)) for p in error.absolute_path]
+    return [(len(path), 0), *path]
 
 
 def _describe(error: ValidationError, sources: dict[str, str]) -> str:
@@ -242,13 +249,22 @@ def _describe(error: ValidationError, sources: dict[str, str]) -> str:
     if not path:  # an unknown top-level key, or the document itself is wrong
         extra = _unexpected_keys(error)
         where = ", ".join(sources.get(k, k) for k in extra) or "configuration"
-        return f"{where}: {error.message}"
+        return f"{where}: {_message(error)}"
     where = sources.get(str(path[0]), str(path[0]))
     for part in path[1:]:
         where += f"[{part}]" if isinstance(part, int) else f".{part}"
-    if path[-1] == "secret":  # never echo a secret, even a malformed one
-        return f"{where}: must be whsec_ followed by at least 16 base64 characters"
+    if SENSITIVE & {str(p) for p in path}:  # never echo a secret, even a malformed one
+        return f"{where}: invalid value (not shown): {_reason(error)}"
     return f"{where}: {_message(error)}"
+
+
+SENSITIVE = {"secret", "headers", "brokerUrl"}
+
+
+def _reason(error: ValidationError) -> str:
+    if error.validator == "type":
+        return f"must be of type {error.validator_value}"
+    return str(error.schema.get("description") or f"fails {error.validator!r}")
 
 
 def _unexpected_keys(error: ValidationError) -> list[str]:
@@ -262,14 +278,23 @@ def _message(error: ValidationError) -> str:
     # A bare "False was expected" says little; the schema's description says why.
     if error.validator == "const" and "description" in error.schema:
         return f"{error.instance!r} is not allowed: {error.schema['description']}"
+    if isinstance(error.instance, (dict, list)) and error.validator == "type":
+        # A whole object or list may hold secrets: name its kind, never its content.
+        kind = "an object" if isinstance(error.instance, dict) else "an array"
+        return f"expected {error.validator_value}, got {kind}"
+    if isinstance(error.instance, (dict, list)) and error.validator not in (
+        "required", "additionalProperties",
+    ):  # fmt: skip
+        return f"invalid ({error.validator})"
     return error.message
 
 
 def _build(document: dict[str, Any]) -> Settings:
-    values = {**DEFAULTS, **{k: v for k, v in document.items() if k != "hooks"}}
-    secret = values["secret"]
-    hooks = tuple(Hook.from_dict(raw, secret) for raw in document.get("hooks", []))
-    return Settings(
-        hooks=hooks,
-        **{camel_to_snake(k): tuple(v) if isinstance(v, list) else v for k, v in values.items()},
-    )
+    values: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in document.items() if k != "hooks"}}
+    for key, value in values.items():
+        if CONFIG_PROPERTIES[key].get("type") == "integer":
+            values[key] = int(value)  # 4.0 is a valid integer to the schema; range() wants 4
+        elif isinstance(value, list):
+            values[key] = tuple(value)
+    hooks = tuple(Hook.from_dict(raw, values["secret"]) for raw in document.get("hooks", []))
+    return Settings(hooks=hooks, **{camel_to_snake(k): v for k, v in values.items()})

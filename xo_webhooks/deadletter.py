@@ -98,5 +98,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
             if isinstance(record, dict) and "url" in record and "payload" in record:
                 records.append(record)
             else:
-                logger.warning("%s:%d: skipped a line that is not a dead-letter record", path, number)
+                logger.warning(
+                    "%s:%d: skipped a line that is not a dead-letter record", path, number
+                )
     return records

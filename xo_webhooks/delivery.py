@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -43,8 +43,8 @@ class Delivery:
     payload: dict[str, Any]
     id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
     attempts: int = 0
-    last_error: Optional[str] = None
-    body: Optional[bytes] = field(default=None, repr=False)
+    last_error: str | None = None
+    body: bytes | None = field(default=None, repr=False)
 
     @property
     def is_pre(self) -> bool:
@@ -81,10 +81,10 @@ class Attempt:
     """The result of one attempt: delivered, or failed and maybe worth retrying."""
 
     delivered: bool
-    error: Optional[str] = None
+    error: str | None = None
     retryable: bool = False
-    retry_after: Optional[float] = None
-    status: Optional[int] = None
+    retry_after: float | None = None
+    status: int | None = None
 
 
 class Sender:
@@ -163,7 +163,7 @@ def _reason(error: Exception) -> str:
     return str(reason or error)[:200]
 
 
-def parse_retry_after(value: Optional[str]) -> Optional[float]:
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped."""
     if not value:
         return None
@@ -177,7 +177,7 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     return min(max(0.0, when.timestamp() - time.time()), MAX_DELAY)
 
 
-def backoff_delay(attempts: int, base: float, retry_after: Optional[float] = None) -> float:
+def backoff_delay(attempts: int, base: float, retry_after: float | None = None) -> float:
     """Seconds before the next attempt after *attempts* failed ones: exponential with
     jitter (between half and all of ``base * 2 ** (attempts - 1)``), capped; a receiver's
     ``Retry-After`` wins when it gives one."""

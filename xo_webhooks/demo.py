@@ -43,7 +43,11 @@ METHODS: dict[str, Callable[..., Any]] = {
 
 def _answer(call: Any) -> dict[str, Any] | None:
     if not isinstance(call, dict) or not isinstance(call.get("method"), str):
-        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
+        return {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32600, "message": "Invalid Request"},
+        }
     method = METHODS.get(call["method"])
     params = call.get("params") or {}
     if method is None:
@@ -93,9 +97,13 @@ class _Server:
         self.thread.join()
 
 
+def _rpc(call_id: int, method: str, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params}
+
+
 CALLS: list[tuple[str, Any]] = [
-    ("a call that succeeds", {"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"vm": "vm-1"}}),
-    ("a call that fails", {"jsonrpc": "2.0", "id": 2, "method": "vm.start", "params": {"vm": "nope"}}),
+    ("a call that succeeds", _rpc(1, "vm.start", vm="vm-1")),
+    ("a call that fails", _rpc(2, "vm.start", vm="nope")),
     ("a batch of two calls", [
         {"jsonrpc": "2.0", "id": 3, "method": "vm.list"},
         {"jsonrpc": "2.0", "id": 4, "method": "system.ping"},
@@ -114,7 +122,8 @@ def run_demo(out: TextIO) -> int:
         with _Server(middleware) as api, requests.Session() as session:
             for title, body in CALLS:
                 answer = session.post(api.url, json=body, timeout=10)
-                out.write(f"\n-> {title}: {json.dumps(body)}\n<- HTTP {answer.status_code} {answer.text}\n")
+                out.write(f"\n-> {title}: {json.dumps(body)}\n")
+                out.write(f"<- HTTP {answer.status_code} {answer.text}\n")
             middleware.close(10)
         out.write("\nHooks received (in arrival order):\n")
         for hook in receiver.received:

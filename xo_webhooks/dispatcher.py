@@ -10,6 +10,7 @@ app (gunicorn ``--preload``) never inherits them.
 from __future__ import annotations
 
 import atexit
+import functools
 import heapq
 import itertools
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 from .config import Settings
 from .deadletter import open_dead_letter
@@ -42,14 +43,20 @@ class Dispatcher(Protocol):
         """Make the first attempt in the calling thread (``waitForResponse``); queue any
         retry. Returns whether it was delivered."""
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending; return whether that happened in time."""
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Flush, stop, and dead-letter what is left."""
 
     def stats(self) -> dict[str, int]:
         """Integer counters since start (see :data:`STAT_NAMES`)."""
+
+
+def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
+    dispatcher = ref()
+    if dispatcher is not None:
+        dispatcher._reset()
 
 
 class ThreadDispatcher:
@@ -65,8 +72,8 @@ class ThreadDispatcher:
         self,
         settings: Settings,
         *,
-        sender: Optional[Sender] = None,
-        on_give_up: Optional[GiveUpHandler] = None,
+        sender: Sender | None = None,
+        on_give_up: GiveUpHandler | None = None,
     ) -> None:
         self.settings = settings
         self.sender = sender or Sender(settings)
@@ -76,8 +83,7 @@ class ThreadDispatcher:
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
         # the parent process will deliver itself.
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (d := ref()) and d._reset())
+        os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
 
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -132,12 +138,12 @@ class ThreadDispatcher:
         self._settle(delivery, attempt)
         return attempt.delivered
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending; return whether that happened within *timeout*."""
         with self._cond:
             return self._cond.wait_for(lambda: self._pending() == 0, timeout)
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
         workers, and give up on whatever is still pending. Safe to call twice."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
@@ -191,7 +197,7 @@ class ThreadDispatcher:
                     return
             self._settle(delivery, self.sender.send(delivery))
 
-    def _next_delivery(self) -> Optional[Delivery]:
+    def _next_delivery(self) -> Delivery | None:
         """Wait for a delivery that is due; ``None`` once stopping. Holds the lock."""
         while not self._stopping:
             now = time.monotonic()
@@ -221,7 +227,11 @@ class ThreadDispatcher:
             delivery.payload.get("callId"), delivery.hook.url, delivery.attempts, attempt.error,
         )  # fmt: skip
         with self._cond:
-            if attempt.retryable and delivery.attempts <= self.settings.retries and not self._closed:
+            if (
+                attempt.retryable
+                and delivery.attempts <= self.settings.retries
+                and not self._closed
+            ):
                 self._start_workers()
                 delay = backoff_delay(delivery.attempts, self.settings.backoff, attempt.retry_after)
                 heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), delivery))

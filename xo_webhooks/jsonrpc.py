@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 __all__ = ["Call", "Outcome", "parse_calls", "parse_outcomes", "outcome_key", "internal_error"]
 
@@ -27,7 +27,7 @@ class Call:
     """
 
     method: str
-    params: Union[dict[str, Any], list[Any]]
+    params: dict[str, Any] | list[Any]
     id: Any = None
     is_notification: bool = False
 
@@ -37,7 +37,7 @@ class Outcome:
     """What a call ended with: a result, or a JSON-RPC error object."""
 
     result: Any = None
-    error: Optional[dict[str, Any]] = None
+    error: dict[str, Any] | None = None
 
 
 def internal_error(message: str) -> Outcome:
@@ -45,14 +45,23 @@ def internal_error(message: str) -> Outcome:
     return Outcome(error={"code": INTERNAL_ERROR, "message": message})
 
 
-def parse_calls(body: bytes) -> Optional[list[Call]]:
+def _loads(body: bytes) -> Any:
+    """Strict JSON: NaN and Infinity are not JSON, and could not be sent on in a hook."""
+    return json.loads(body, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_calls(body: bytes) -> list[Call] | None:
     """Return the calls of a JSON-RPC request body, or ``None`` if it is not one.
 
     A batch whose members are not all valid calls is not inspected at all: the app
     answers it as it sees fit, and no hook is sent for a request it rejects.
     """
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except (ValueError, RecursionError):
         return None
     items = data if isinstance(data, list) else [data]
@@ -67,7 +76,7 @@ def parse_calls(body: bytes) -> Optional[list[Call]]:
     return calls
 
 
-def _parse_call(item: Any) -> Optional[Call]:
+def _parse_call(item: Any) -> Call | None:
     if not isinstance(item, dict):
         return None
     method = item.get("method")
@@ -86,14 +95,14 @@ def _parse_call(item: Any) -> Optional[Call]:
     return Call(method, params, item["id"], is_notification=version != "2.0" and item["id"] is None)
 
 
-def parse_outcomes(body: bytes) -> Optional[dict[Any, Outcome]]:
+def parse_outcomes(body: bytes) -> dict[Any, Outcome] | None:
     """Map each response id of a JSON-RPC response body to its outcome.
 
     Returns ``None`` when the body is not a JSON-RPC response. An error response to a
     request the server could not identify has the id ``None``.
     """
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except (ValueError, RecursionError):
         return None
     items = data if isinstance(data, list) else [data]
@@ -108,7 +117,7 @@ def parse_outcomes(body: bytes) -> Optional[dict[Any, Outcome]]:
     return outcomes
 
 
-def _parse_outcome(item: dict[str, Any]) -> Optional[Outcome]:
+def _parse_outcome(item: dict[str, Any]) -> Outcome | None:
     error = item.get("error")
     if error is not None:
         valid = (

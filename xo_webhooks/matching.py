@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from .config import Hook
 
@@ -61,6 +61,6 @@ def _glob_to_regex(pattern: str) -> str:
     return "(?:" + ".*".join(re.escape(part) for part in pattern.split("*")) + ")"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(_glob_to_regex(pattern), re.DOTALL)

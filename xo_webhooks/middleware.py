@@ -36,7 +36,7 @@ UserResolver = Callable[["WSGIEnvironment"], Optional[User]]
 NO_USER: User = (None, None)
 
 
-def remote_user(environ: WSGIEnvironment) -> Optional[User]:
+def remote_user(environ: WSGIEnvironment) -> User | None:
     """The default user resolver: ``REMOTE_USER`` gives both the id and the name."""
     user = environ.get("REMOTE_USER")
     return (user, user) if user else None
@@ -89,11 +89,11 @@ class WebhookMiddleware:
     def __init__(
         self,
         app: WSGIApplication,
-        hooks: Optional[Iterable[Mapping[str, Any]]] = None,
+        hooks: Iterable[Mapping[str, Any]] | None = None,
         *,
-        user_resolver: Optional[UserResolver] = None,
-        dispatcher: Optional[Dispatcher] = None,
-        environ: Optional[Mapping[str, str]] = None,
+        user_resolver: UserResolver | None = None,
+        dispatcher: Dispatcher | None = None,
+        environ: Mapping[str, str] | None = None,
         **settings: Any,
     ) -> None:
         self.app = app
@@ -123,11 +123,11 @@ class WebhookMiddleware:
 
     # -- public helpers -----------------------------------------------------------------
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued hook is delivered or given up; say whether it was."""
         return self.dispatcher.flush(timeout)
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``XO_WEBHOOKS_SHUTDOWN_TIMEOUT``),
         stop delivering, and dead-letter what is left. Also runs at interpreter exit."""
         self.dispatcher.close(timeout)
@@ -142,7 +142,7 @@ class WebhookMiddleware:
         self,
         method: str,
         params: Any = None,
-        user: Optional[User] = None,
+        user: User | None = None,
     ) -> Iterator[CallResult]:
         """Send pre and post hooks around a block of the app's own work, as for an API
         call (the plugin does this for backup jobs)::
@@ -158,7 +158,8 @@ class WebhookMiddleware:
         try:
             yield record
         except Exception as e:
-            self._finish(tracked, lambda _: internal_error(_describe(e)), {})
+            failure = internal_error(_describe(e))
+            self._finish(tracked, lambda _: failure, {})
             raise
         self._finish(tracked, lambda _: Outcome(result=record.result), {})
 
@@ -234,13 +235,13 @@ class WebhookMiddleware:
     ) -> None:
         """Queue the post hooks of *tracked* calls."""
         end = time.monotonic()
-        late_user = environ.get(USER_ENVIRON_KEY)
+        late_user = _as_user(environ.get(USER_ENVIRON_KEY))
         for entry in tracked:
-            user = tuple(late_user) if _is_user(late_user) else entry.user
+            user = late_user or entry.user
             payload = None
             for hook in entry.hooks:
                 if hook.post:
-                    payload = payload or entry.payload(end, outcome_of(entry), user)  # type: ignore[arg-type]
+                    payload = payload or entry.payload(end, outcome_of(entry), user)
                     self.dispatcher.submit(Delivery(hook, payload))
 
 
@@ -283,12 +284,12 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
-def _is_user(value: Any) -> bool:
-    return (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(v is None or isinstance(v, str) for v in value)
-    )
+def _as_user(value: Any) -> User | None:
+    """``environ["xo_webhooks.user"]`` when the app set it to ``(id, name)``."""
+    is_pair = isinstance(value, (tuple, list)) and len(value) == 2
+    if is_pair and all(v is None or isinstance(v, str) for v in value):
+        return (value[0], value[1])
+    return None
 
 
 def _may_be_json(content_type: str) -> bool:

@@ -1,7 +1,8 @@
 """Hook payloads: what the Xen Orchestra plugin sends, field by field.
 
-The request thread only assembles a small dict (:func:`pre_payload`, :func:`post_payload`);
-redaction and serialisation (:func:`redact_payload`, :func:`serialize`) run later, on a delivery thread.
+The request thread only assembles a small dict (:func:`pre_payload`,
+:func:`post_payload`); redaction and serialisation (:func:`redact_payload`,
+:func:`serialize`) run later, on a delivery thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ REDACTED = "***"
 User = tuple[Optional[str], Optional[str]]
 
 
-def pre_payload(call_id: str, user: User, method: str, params: Any, timestamp: int) -> dict[str, Any]:
+def pre_payload(
+    call_id: str, user: User, method: str, params: Any, timestamp: int
+) -> dict[str, Any]:
     """The payload of a ``pre`` hook; *timestamp* is the call's start in epoch ms."""
     return {
         "type": "pre",
@@ -47,18 +50,23 @@ def post_payload(
 
 
 def redact(value: Any, words: Iterable[str]) -> Any:
-    """Return *value* with every value under a key whose lowercased name contains one of
-    *words* replaced by ``"***"``, at any depth. *value* itself is not modified."""
-    words = tuple(w.lower() for w in words)
+    """Return *value* with every value under a key whose name contains one of *words*
+    replaced by ``"***"``, at any depth. Case, ``-`` and ``_`` are ignored, so
+    ``api_key`` also catches ``X-Api-Key`` and ``apiKey``. *value* is not modified."""
+    words = tuple(_normalize(w) for w in words)
     if not words:
         return value
     return _redact(value, words)
 
 
+def _normalize(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def _redact(value: Any, words: tuple[str, ...]) -> Any:
     if isinstance(value, dict):
         return {
-            k: REDACTED if any(w in str(k).lower() for w in words) else _redact(v, words)
+            k: REDACTED if any(w in _normalize(str(k)) for w in words) else _redact(v, words)
             for k, v in value.items()
         }
     if isinstance(value, list):
@@ -85,4 +93,4 @@ def redact_payload(payload: dict[str, Any], words: Iterable[str]) -> dict[str, A
 def serialize(payload: dict[str, Any], fmt: str = "json") -> bytes:
     """Format *payload* as *fmt* and serialise it into the bytes of a request body."""
     body = formats.render(payload, fmt)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

@@ -9,7 +9,7 @@ Consumer projects use these to validate what they receive::
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -28,7 +28,7 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(name: str) -> Draft202012Validator:
     """Return a cached validator for the schema called *name*."""
     return Draft202012Validator(load_schema(name))

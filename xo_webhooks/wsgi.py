@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -16,7 +16,7 @@ logger = logging.getLogger("xo_webhooks")
 CHUNK = 64 * 1024
 
 
-def read_body(environ: WSGIEnvironment, limit: int) -> Optional[bytes]:
+def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
     """Read a request body of at most *limit* bytes and put an equivalent stream back.
 
     Returns ``None``, leaving the app's view of the input as it was, when the body
@@ -90,8 +90,8 @@ class Capture:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.status: Optional[str] = None
-        self.exception: Optional[BaseException] = None
+        self.status: str | None = None
+        self.exception: BaseException | None = None
         self.overflow = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -113,7 +113,7 @@ class Capture:
 
             return observed_write
 
-        return observed_start_response  # type: ignore[return-value]
+        return observed_start_response
 
     def add(self, chunk: bytes) -> None:
         """Keep *chunk* while under the limit."""
@@ -141,19 +141,23 @@ class Capture:
 
 
 class ObservedResponse:
-    """Yields the app's response unchanged while a :class:`Capture` keeps a copy; on
-    ``close()`` closes the app's iterable exactly once, then calls *on_done* once.
+    """Yields the app's response unchanged while a :class:`Capture` keeps a copy.
+
+    The outcome is reported (*on_done*, once) as soon as the body is complete, or at
+    ``close()`` if that comes first; ``close()`` closes the app's iterable exactly once.
+    Reporting at the end of the body means clients that never close the response,
+    such as Flask's test client, still get post hooks.
 
     :param app_iter: the iterable the wrapped app returned.
     :param capture: where chunks and an exception raised mid-iteration are recorded.
-    :param on_done: called after the app's iterable is closed; its errors are logged.
+    :param on_done: reports the outcome; its errors are logged, never raised.
     """
 
     def __init__(self, app_iter: Iterable[bytes], capture: Capture, on_done: Callable[[], None]):
         self._app_iter = app_iter
-        self._iterator: Optional[Iterator[bytes]] = None
+        self._iterator: Iterator[bytes] | None = None
         self._capture = capture
-        self._on_done = on_done
+        self._on_done: Callable[[], None] | None = on_done
         self._closed = False
 
     def __iter__(self) -> ObservedResponse:
@@ -165,6 +169,7 @@ class ObservedResponse:
                 self._iterator = iter(self._app_iter)
             chunk = next(self._iterator)
         except StopIteration:
+            self._report()
             raise
         except BaseException as e:
             self._capture.exception = e
@@ -173,7 +178,7 @@ class ObservedResponse:
         return chunk
 
     def close(self) -> None:
-        """Close the app's iterable, then report the outcome; idempotent."""
+        """Close the app's iterable (once), then report the outcome if not done yet."""
         if self._closed:
             return
         self._closed = True
@@ -182,7 +187,13 @@ class ObservedResponse:
             if close is not None:
                 close()
         finally:
-            try:
-                self._on_done()
-            except Exception:  # the middleware's own failure never reaches the client
-                logger.exception("xo-webhooks could not send the post hooks of a call")
+            self._report()
+
+    def _report(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is None:
+            return
+        try:
+            on_done()
+        except Exception:  # the middleware's own failure never reaches the client
+            logger.exception("xo-webhooks could not send the post hooks of a call")

@@ -1,0 +1,348 @@
+"""Tests of xo_webhooks.config: defaults, sources, precedence and error messages.
+
+Every call passes an explicit ``environ`` so the developer's own variables never leak in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xo_webhooks.config import DEFAULT_REDACT, Hook, Settings, load_settings
+from xo_webhooks.errors import ConfigError, WebhookError
+
+URL = "http://hooks.example/in"
+HOOK = {"method": "vm.start", "type": "pre", "url": URL}
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OTHER_SECRET = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVg=="
+
+
+def hook(**changes: Any) -> dict[str, Any]:
+    return {**HOOK, **changes}
+
+
+def write_config(tmp_path: Path, document: Any) -> str:
+    path = tmp_path / "xo-webhooks.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return str(path)
+
+
+def config_error(**kwargs: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kwargs)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, WebhookError)
+    return str(info.value)
+
+
+def test_defaults() -> None:
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings == Settings(
+        hooks=(), timeout=10, max_workers=4, max_body=1024 * 1024, retries=5, backoff=1,
+        queue_size=10000, shutdown_timeout=10, redact=DEFAULT_REDACT, dispatcher="thread",
+        secret=None, dead_letter=None, ca_bundle=None, broker_url=None,
+    )  # fmt: skip
+    assert {"password", "secret", "token", "authorization", "cookie"} <= set(DEFAULT_REDACT)
+
+
+def test_hooks_from_env_var() -> None:
+    hooks = [
+        hook(),
+        hook(method="vm.*", type="post", format="slack"),
+        hook(waitForResponse=True, headers={"Authorization": "Bearer t", "X-A": "1"}),
+    ]
+    settings = load_settings(environ={"XO_WEBHOOKS_HOOKS": json.dumps(hooks)})
+    first, second, third = settings.hooks
+    assert first == Hook("vm.start", "pre", URL)
+    assert (first.format, first.wait_for_response, first.headers) == ("json", False, ())
+    assert second == Hook("vm.*", "post", URL, format="slack")
+    assert third.wait_for_response is True
+    assert third.headers == (("Authorization", "Bearer t"), ("X-A", "1"))
+
+
+def test_file_with_camel_case_keys(tmp_path: Path) -> None:
+    document = {
+        "hooks": [hook(type="pre/post")],
+        "timeout": 2.5,
+        "maxWorkers": 8,
+        "maxBody": 4096,
+        "queueSize": 50,
+        "shutdownTimeout": 0,
+        "deadLetter": "/var/lib/dead.jsonl",
+        "caBundle": "/etc/ssl/ca.pem",
+        "redact": ["pin"],
+    }
+    path = write_config(tmp_path, document)
+    assert load_settings(environ={"XO_WEBHOOKS_CONFIG": path}) == Settings(
+        hooks=(Hook("vm.start", "pre/post", URL),), timeout=2.5, max_workers=8, max_body=4096,
+        queue_size=50, shutdown_timeout=0, dead_letter="/var/lib/dead.jsonl",
+        ca_bundle="/etc/ssl/ca.pem", redact=("pin",),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "kwargs", "expected"),
+    [
+        pytest.param({}, {}, 7.0, id="file"),
+        pytest.param({"XO_WEBHOOKS_TIMEOUT": "3"}, {}, 3.0, id="env-beats-file"),
+        pytest.param({"XO_WEBHOOKS_TIMEOUT": "3"}, {"timeout": 1.5}, 1.5, id="kwarg-beats-env"),
+        pytest.param({"XO_WEBHOOKS_TIMEOUT": "3"}, {"timeout": None}, 3.0, id="none-kwarg-ignored"),
+    ],
+)
+def test_setting_precedence(tmp_path: Path, env: dict, kwargs: dict, expected: float) -> None:
+    environ = {"XO_WEBHOOKS_CONFIG": write_config(tmp_path, {"timeout": 7}), **env}
+    assert load_settings(environ=environ, **kwargs).timeout == expected
+
+
+@pytest.mark.parametrize(
+    ("use_env", "use_kwarg", "expected"),
+    [
+        pytest.param(False, False, "file.*", id="file"),
+        pytest.param(True, False, "env.*", id="env-beats-file"),
+        pytest.param(True, True, "kwarg.*", id="kwarg-beats-env"),
+        pytest.param(False, True, "kwarg.*", id="kwarg-beats-file"),
+    ],
+)
+def test_hooks_precedence(tmp_path: Path, use_env: bool, use_kwarg: bool, expected: str) -> None:
+    environ = {"XO_WEBHOOKS_CONFIG": write_config(tmp_path, {"hooks": [hook(method="file.*")]})}
+    if use_env:
+        environ["XO_WEBHOOKS_HOOKS"] = json.dumps([hook(method="env.*")])
+    hooks = [hook(method="kwarg.*")] if use_kwarg else None
+    assert [h.method for h in load_settings(hooks, environ=environ).hooks] == [expected]
+    assert load_settings([], environ=environ).hooks == ()  # even an empty list wins
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "attribute", "expected"),
+    [
+        pytest.param("MAX_WORKERS", " 8 ", "max_workers", 8, id="integer"),
+        pytest.param("TIMEOUT", "2.5", "timeout", 2.5, id="number"),
+        pytest.param("RETRIES", "0", "retries", 0, id="zero"),
+        pytest.param("REDACT", "pin, ssn ,,cvv", "redact", ("pin", "ssn", "cvv"), id="redact-list"),
+        pytest.param("REDACT", "", "redact", (), id="redact-empty"),
+        pytest.param("DISPATCHER", "celery", "dispatcher", "celery", id="enum"),
+        pytest.param("BROKER_URL", "redis://q:6379/0", "broker_url", "redis://q:6379/0", id="url"),
+    ],
+)
+def test_env_values_are_converted(name: str, raw: str, attribute: str, expected: Any) -> None:
+    settings = load_settings(environ={"XO_WEBHOOKS_" + name: raw})
+    assert getattr(settings, attribute) == expected
+    assert type(getattr(settings, attribute)) is type(expected)
+
+
+def test_redact_kwarg_and_unknown_kwarg() -> None:
+    assert load_settings(environ={}, redact=()).redact == ()
+    assert load_settings(environ={}, redact=["pin"]).redact == ("pin",)
+    with pytest.raises(TypeError, match="maxWorkers"):
+        load_settings(environ={}, maxWorkers=3)
+
+
+@pytest.mark.parametrize(
+    ("type_", "pre", "post"),
+    [
+        pytest.param("pre", True, False, id="pre"),
+        pytest.param("post", False, True, id="post"),
+        pytest.param("pre/post", True, True, id="pre/post"),
+    ],
+)
+def test_hook_pre_post(type_: str, pre: bool, post: bool) -> None:
+    (only,) = load_settings([hook(type=type_)], environ={}).hooks
+    assert (only.pre, only.post, only.signed) == (pre, post, False)
+
+
+def test_secrets_global_and_per_hook() -> None:
+    hooks = [HOOK, hook(secret=OTHER_SECRET)]
+    first, second = load_settings(hooks, environ={"XO_WEBHOOKS_SECRET": SECRET}).hooks
+    assert (first.secret, first.signed) == (SECRET, True)
+    assert (second.secret, second.signed) == (OTHER_SECRET, True)
+
+
+def test_secrets_never_in_repr() -> None:
+    settings = load_settings(
+        [hook(secret=OTHER_SECRET, headers={"Authorization": "Bearer tok3n"})],
+        environ={},
+        secret=SECRET,
+        broker_url="redis://user:pa55@q/0",
+    )
+    for text in (repr(settings), repr(settings.hooks[0]), str(settings)):
+        for hidden in (SECRET, OTHER_SECRET, "tok3n", "pa55"):
+            assert hidden not in text
+
+
+BAD_HOOKS = [
+    pytest.param({"type": "pré"}, ".type: 'pré' is not one of", id="type"),
+    pytest.param({"url": None}, ": 'url' is a required property", id="no-url"),
+    pytest.param({"url": "ftp://h/x"}, ".url: ", id="ftp"),
+    pytest.param({"url": "file:///etc/passwd"}, ".url: ", id="file-url"),
+    pytest.param({"url": "javascript:alert(1)"}, ".url: ", id="javascript"),
+    pytest.param({"url": "http://"}, ".url: ", id="no-host"),
+    pytest.param({"url": "http://h/a b"}, ".url: ", id="space-in-url"),
+    pytest.param({"method": ""}, ".method: ", id="empty-method"),
+    pytest.param({"method": "vm start"}, ".method: ", id="space-in-method"),
+    pytest.param({"format": "xml"}, ".format: 'xml' is not one of", id="format"),
+    pytest.param({"bogus": 1}, ": Additional properties", id="unknown-key"),
+    pytest.param({"headers": {"Bad Name": "x"}}, ".headers: ", id="header-name"),
+    pytest.param(
+        {"headers": {"X-N": 1}},
+        ".headers.X-N: invalid value (not shown): must be of type string",
+        id="header-value",
+    ),
+    pytest.param(
+        {"type": "post", "waitForResponse": True},
+        ".waitForResponse: True is not allowed: waitForResponse applies to pre hooks only",
+        id="wait-on-post",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "expected"), BAD_HOOKS)
+def test_bad_hooks(changes: dict, expected: str) -> None:
+    bad = {k: v for k, v in hook(**changes).items() if v is not None}
+    assert config_error(hooks=[HOOK, bad], environ={}).startswith("hooks[1]" + expected)
+
+
+BAD_SETTINGS = [
+    pytest.param({"timeout": 0}, "timeout: 0 is less than or equal to", id="timeout-zero"),
+    pytest.param({"timeout": True}, "timeout: True is not of type 'number'", id="timeout-bool"),
+    pytest.param({"max_workers": 257}, "max_workers: 257 is greater than", id="workers-high"),
+    pytest.param({"max_workers": "4"}, "max_workers: '4' is not of type", id="workers-str"),
+    pytest.param({"retries": -1}, "retries: -1 is less than", id="retries"),
+    pytest.param({"queue_size": 0}, "queue_size: ", id="queue-size"),
+    pytest.param({"dispatcher": "process"}, "dispatcher: 'process' is not one of", id="dispatcher"),
+    pytest.param({"redact": [""]}, "redact[0]: ", id="redact-empty-word"),
+    pytest.param({"redact": "password"}, "redact: ", id="redact-str"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), BAD_SETTINGS)
+def test_bad_kwargs(kwargs: dict, expected: str) -> None:
+    assert config_error(environ={}, **kwargs).startswith(expected)
+
+
+def test_exact_message_from_env_var() -> None:
+    hooks = [HOOK, HOOK, hook(type="pré")]
+    message = config_error(environ={"XO_WEBHOOKS_HOOKS": json.dumps(hooks)})
+    assert message == "XO_WEBHOOKS_HOOKS[2].type: 'pré' is not one of ['pre', 'post', 'pre/post']"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({"XO_WEBHOOKS_TIMEOUT": "abc"}, "XO_WEBHOOKS_TIMEOUT: 'abc'", id="timeout"),
+        pytest.param({"XO_WEBHOOKS_MAX_WORKERS": "2.5"}, "XO_WEBHOOKS_MAX_WORKERS: ", id="workers"),
+        pytest.param({"XO_WEBHOOKS_HOOKS": "[{"}, "XO_WEBHOOKS_HOOKS: not valid JSON", id="json"),
+        pytest.param(
+            {"XO_WEBHOOKS_HOOKS": "{}"},
+            "XO_WEBHOOKS_HOOKS: expected array, got an object",
+            id="object",
+        ),
+        pytest.param({"XO_WEBHOOKS_BROKER_URL": "amqp://"}, "XO_WEBHOOKS_BROKER_URL:", id="broker"),
+    ],
+)
+def test_bad_env_values(environ: dict, expected: str) -> None:
+    assert config_error(environ=environ).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param('{"hooks": [', "not valid JSON", id="invalid-json"),
+        pytest.param("[]", "expected a JSON object", id="not-an-object"),
+        pytest.param(None, "cannot read the file", id="missing"),
+    ],
+)
+def test_unreadable_file(tmp_path: Path, content: Any, expected: str) -> None:
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    message = config_error(environ={"XO_WEBHOOKS_CONFIG": str(path)})
+    assert message.startswith(f"XO_WEBHOOKS_CONFIG={path}: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        pytest.param({"hooks": [hook(url="ftp://h/")]}, "hooks[0].url: ", id="bad-url"),
+        pytest.param({"hooks": [hook(extra=1)]}, "hooks[0]: Additional properties", id="hook-key"),
+        pytest.param({"timeOut": 3}, "timeOut: Additional properties", id="top-level-key"),
+        pytest.param({"max_workers": 3}, "max_workers: Additional properties", id="snake-in-file"),
+    ],
+)
+def test_bad_file_values(tmp_path: Path, document: dict, expected: str) -> None:
+    path = write_config(tmp_path, document)
+    assert config_error(environ={"XO_WEBHOOKS_CONFIG": path}).startswith(f"{path}: {expected}")
+
+
+MALFORMED_SECRETS = [
+    pytest.param("whsec_tooShort", id="short"),
+    pytest.param("sk_live_0123456789abcdefghij", id="no-prefix"),
+    pytest.param("whsec_" + "A" * 17, id="bad-padding"),
+    pytest.param("whsec_" + "A" * 16 + "-_", id="urlsafe-alphabet"),
+    pytest.param("whsec_" + "A" * 16 + "\n", id="trailing-newline"),
+]
+
+
+SECRET_PLACES = {  # where -> (secret, write_config) -> (environ, kwargs)
+    "kwarg": lambda s, cfg: ({}, {"secret": s}),
+    "env": lambda s, cfg: ({"XO_WEBHOOKS_SECRET": s}, {}),
+    "file": lambda s, cfg: ({"XO_WEBHOOKS_CONFIG": cfg({"secret": s})}, {}),
+    "hook": lambda s, cfg: ({}, {"hooks": [hook(secret=s)]}),
+    "file-hook": lambda s, cfg: ({"XO_WEBHOOKS_CONFIG": cfg({"hooks": [hook(secret=s)]})}, {}),
+}
+
+
+@pytest.mark.parametrize("secret", MALFORMED_SECRETS)
+@pytest.mark.parametrize("where", list(SECRET_PLACES))
+def test_malformed_secret_is_rejected_unechoed(tmp_path: Path, secret: str, where: str) -> None:
+    environ, kwargs = SECRET_PLACES[where](secret, lambda doc: write_config(tmp_path, doc))
+    message = config_error(environ=environ, **kwargs)
+    assert "secret" in message.lower()
+    assert secret.strip() not in message
+    assert secret.removeprefix("whsec_").strip() not in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "kwargs", "hidden"),
+    [
+        pytest.param(
+            {"XO_WEBHOOKS_HOOKS": json.dumps(hook(secret=OTHER_SECRET))},
+            {},
+            OTHER_SECRET,
+            id="hooks-an-object",
+        ),
+        pytest.param({}, {"hooks": [[hook(secret=OTHER_SECRET)]]}, OTHER_SECRET, id="hook-a-list"),
+        pytest.param({}, {"broker_url": "amqp://user:pa55@q/0"}, "pa55", id="broker-url-password"),
+    ],
+)
+def test_credentials_not_echoed(environ: dict, kwargs: dict, hidden: str) -> None:
+    assert hidden not in config_error(environ=environ, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("environ", "kwargs"),
+    [
+        pytest.param({"XO_WEBHOOKS_TIMEOUT": "nan"}, {}, id="env-timeout"),
+        pytest.param({}, {"backoff": math.nan}, id="kwarg-backoff"),
+        pytest.param({}, {"shutdown_timeout": math.nan}, id="kwarg-shutdown-timeout"),
+    ],
+)
+def test_nan_is_rejected(environ: dict, kwargs: dict) -> None:
+    config_error(environ=environ, **kwargs)
+
+
+def test_url_with_trailing_newline_is_rejected() -> None:
+    assert config_error(environ={}, hooks=[hook(url=URL + "\n")]).startswith("hooks[0].url: ")
+
+
+@pytest.mark.parametrize("name", ["max_workers", "max_body", "retries", "queue_size"])
+def test_integer_settings_are_ints(name: str) -> None:
+    try:
+        value = getattr(load_settings(environ={}, **{name: 4.0}), name)
+    except ConfigError:
+        return  # rejecting 4.0 is as good as converting it
+    assert type(value) is int
