@@ -106,18 +106,19 @@ class Sender:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = USER_AGENT
-            if self.settings.ca_bundle:
-                session.verify = self.settings.ca_bundle
             self._local.session = session
         return session
 
     def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
-        """The request headers of *delivery*: content type, the hook's own, and the
-        Standard Webhooks signature when the hook has a secret."""
-        headers = {"Content-Type": "application/json", **dict(delivery.hook.headers)}
+        """The request headers of *delivery*: content type, the hook's own, its
+        ``webhook-id``, and the Standard Webhooks signature when the hook has a secret."""
+        headers = {
+            "Content-Type": "application/json",
+            **dict(delivery.hook.headers),
+            "webhook-id": delivery.id,  # always: lets receivers drop a retried duplicate
+        }
         if delivery.hook.secret:
             timestamp = int(time.time())
-            headers["webhook-id"] = delivery.id
             headers["webhook-timestamp"] = str(timestamp)
             headers["webhook-signature"] = signing.sign(
                 delivery.hook.secret, delivery.id, timestamp, body
@@ -138,6 +139,8 @@ class Sender:
                 headers=self.headers(delivery, body),
                 timeout=self.settings.timeout,
                 allow_redirects=False,
+                # Per request: requests lets REQUESTS_CA_BUNDLE override session.verify.
+                verify=self.settings.ca_bundle or True,
             )
         except requests.Timeout:
             return Attempt(False, f"timed out after {self.settings.timeout:g} s", retryable=True)

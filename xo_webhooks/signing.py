@@ -29,7 +29,12 @@ from typing import Any, Protocol
 from .errors import SignatureError
 
 __all__ = [
-    "sign", "verify", "generate_secret", "decode_secret", "SECRET_PREFIX", "DEFAULT_TOLERANCE",
+    "sign",
+    "verify",
+    "generate_secret",
+    "decode_secret",
+    "SECRET_PREFIX",
+    "DEFAULT_TOLERANCE",
 ]
 
 SECRET_PREFIX = "whsec_"
@@ -52,7 +57,7 @@ class HeaderSource(Protocol):
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """Return the ``webhook-signature`` header value for *body*."""
-    encoded = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    encoded = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
     key = base64.b64decode(encoded)
     signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
@@ -175,7 +180,7 @@ def decode_secret(secret: str) -> bytes:
     """
     if not isinstance(secret, str):
         raise SignatureError("the signing secret must be a str like 'whsec_<base64>'")
-    encoded = secret[len(SECRET_PREFIX):] if secret.startswith(SECRET_PREFIX) else secret
+    encoded = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
     encoded += "=" * (-len(encoded) % 4)  # tolerate unpadded base64, as standardwebhooks does
     try:
         key = base64.b64decode(encoded, validate=True)
