@@ -283,7 +283,9 @@ def test_a_payload_nested_just_below_the_parser_limit_is_handled(receivers):
         pytest.param({**hook(), "callId": ""}, "$.callId", "should be non-empty", id="callId"),
         pytest.param({**hook(), "timestamp": "now"}, "$.timestamp", "not of type", id="ts"),
         pytest.param({**hook(), "extra": 1}, "$", "extra", id="extra-key"),
-        pytest.param(hook(type="pre", result=1), "$.result", "should not be valid", id="pre-result"),
+        pytest.param(
+            hook(type="pre", result=1), "$.result", "should not be valid", id="pre-result"
+        ),
         pytest.param({**hook(), "error": {"code": 1}}, "$", "", id="result-and-error"),
         pytest.param([hook()], "$", "not of type 'object'", id="array"),
         pytest.param(
