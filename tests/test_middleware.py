@@ -1,0 +1,153 @@
+"""The middleware's own API and its failure handling: call() for events that are not
+API calls, user resolution, and failures of its own that must never reach the client."""
+
+from __future__ import annotations
+
+import pytest
+from werkzeug.test import EnvironBuilder
+
+from xo_webhooks import ConfigError, WebhookMiddleware
+from xo_webhooks.schema import validate_payload
+
+from .test_wsgi import CALL, RESULT, RecordingDispatcher, plain_app
+
+
+def test_call_sends_pre_and_post_with_the_result(webhook_receiver, wrap):
+    hooks = [{"method": "backup.*", "type": "pre/post", "url": webhook_receiver.url}]
+    middleware = wrap(plain_app, hooks=hooks)
+    with middleware.call("backup.run", params={"job": "nightly"}, user=("u-1", "cron")) as call:
+        call.result = {"written": 42}
+    pre, post = (h.payload for h in webhook_receiver.wait_for(2))
+    for payload in (pre, post):
+        validate_payload(payload)
+        assert (payload["userId"], payload["userName"]) == ("u-1", "cron")
+        assert payload["params"] == {"job": "nightly"}
+    assert pre["callId"] == post["callId"]
+    assert post["result"] == {"written": 42}
+
+
+def test_call_reports_and_reraises_an_error(webhook_receiver, wrap):
+    hooks = [{"method": "backup.run", "type": "post", "url": webhook_receiver.url}]
+    middleware = wrap(plain_app, hooks=hooks)
+    with pytest.raises(OSError, match="disk full"), middleware.call("backup.run"):
+        raise OSError("disk full")
+    (post,) = webhook_receiver.wait_for(1)
+    assert post.payload["error"] == {"code": -32603, "message": "OSError: disk full"}
+    assert post.payload["params"] == {}
+
+
+def test_call_without_a_matching_hook_sends_nothing():
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(plain_app, hooks=[], dispatcher=dispatcher, environ={})
+    with middleware.call("backup.run") as call:
+        call.result = 1
+    assert dispatcher.deliveries == []
+
+
+def test_no_hooks_returns_the_apps_own_iterable():
+    sentinel = [RESULT]
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return sentinel
+
+    middleware = WebhookMiddleware(app, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    assert middleware(environ, lambda *a: None) is sentinel
+
+
+def test_pre_only_hooks_do_not_observe_the_response():
+    sentinel = [RESULT]
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return sentinel
+
+    dispatcher = RecordingDispatcher()
+    hooks = [{"method": "vm.start", "type": "pre", "url": "http://127.0.0.1:9/"}]
+    middleware = WebhookMiddleware(app, hooks=hooks, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    assert middleware(environ, lambda *a: None) is sentinel
+    assert [d.payload["type"] for d in dispatcher.deliveries] == ["pre"]
+
+
+class BrokenDispatcher(RecordingDispatcher):
+    def submit(self, delivery):
+        raise RuntimeError("the dispatcher is broken")
+
+
+def test_own_failures_never_reach_the_client(caplog):
+    hooks = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
+    middleware = WebhookMiddleware(
+        plain_app, hooks=hooks, dispatcher=BrokenDispatcher(), environ={}
+    )
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    assert b"".join(middleware(environ, lambda *a: None)) == RESULT
+    assert "passing it through" in caplog.text
+
+
+class PostFailingDispatcher(RecordingDispatcher):
+    def submit(self, delivery):
+        if delivery.payload["type"] == "post":
+            raise RuntimeError("the dispatcher broke mid-call")
+        super().submit(delivery)
+
+
+def test_failures_after_the_response_never_reach_the_client(caplog):
+    hooks = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
+    middleware = WebhookMiddleware(
+        plain_app, hooks=hooks, dispatcher=PostFailingDispatcher(), environ={}
+    )
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda *a: None)
+    assert b"".join(response) == RESULT
+    response.close()
+    assert "could not send the post hooks" in caplog.text
+
+
+def test_a_failing_user_resolver_sends_no_user(caplog):
+    def resolver(environ):
+        raise LookupError("no session store")
+
+    dispatcher = RecordingDispatcher()
+    hooks = [{"method": "vm.start", "type": "pre", "url": "http://127.0.0.1:9/"}]
+    middleware = WebhookMiddleware(
+        plain_app, hooks=hooks, dispatcher=dispatcher, environ={}, user_resolver=resolver
+    )
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    assert b"".join(middleware(environ, lambda *a: None)) == RESULT
+    (pre,) = dispatcher.payloads("pre")
+    assert (pre["userId"], pre["userName"]) == (None, None)
+    assert "user_resolver failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "late_user, expected",
+    [
+        pytest.param(("u-9", "eve"), ("u-9", "eve"), id="tuple"),
+        pytest.param(["u-9", None], ("u-9", None), id="list-with-null"),
+        pytest.param("eve", ("bob", "bob"), id="not-a-pair-ignored"),
+        pytest.param((1, 2), ("bob", "bob"), id="not-strings-ignored"),
+    ],
+)
+def test_late_user_from_the_environ(late_user, expected):
+    def app(environ, start_response):
+        environ["xo_webhooks.user"] = late_user
+        return plain_app(environ, start_response)
+
+    dispatcher = RecordingDispatcher()
+    hooks = [{"method": "vm.start", "type": "post", "url": "http://127.0.0.1:9/"}]
+    middleware = WebhookMiddleware(app, hooks=hooks, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL, environ_base={"REMOTE_USER": "bob"})
+    response = middleware(environ.get_environ(), lambda *a: None)
+    b"".join(response)
+    (post,) = dispatcher.payloads("post")
+    assert (post["userId"], post["userName"]) == expected
+
+
+def test_configuration_errors_are_raised_at_construction():
+    with pytest.raises(ConfigError, match=r"XO_WEBHOOKS_HOOKS\[0\]\.type: 'pré' is not one of"):
+        WebhookMiddleware(
+            plain_app,
+            environ={"XO_WEBHOOKS_HOOKS": '[{"method": "a", "type": "pré", "url": "http://h/"}]'},
+        )
