@@ -15,21 +15,13 @@ A script receives the payload JSON on its stdin and ``XO_HOOK_TYPE``,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import queue
 import re
-import selectors
-import signal
-import subprocess
-import tempfile
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +32,9 @@ from werkzeug.wrappers import Request, Response
 
 from .errors import ConfigError, SignatureError
 from .schema import validator
+from .scripts import ScriptJob, ScriptRunner
 from .signing import DEFAULT_TOLERANCE, decode_secret, verify
+from .wsgi import read_at_most
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -54,9 +48,7 @@ logger = logging.getLogger("xo_webhooks.receiver")
 METHOD_RE = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_METHOD_LENGTH = 200
 SEEN_IDS = 10_000  # webhook-ids remembered to refuse replays
-OUTPUT_LIMIT = 4096  # bytes of a script's output kept for the log
 _LOG_LIMIT = 200  # characters of a payload value shown in the log
-_READ_SIZE = 65536
 _MAX_REASONS = 3  # schema problems named in a 400 answer
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -118,7 +110,7 @@ class HookReceiver:
         self.script_timeout = script_timeout
         self.tolerance = tolerance
         self._seen = _SeenIds(SEEN_IDS)
-        self._runner = _ScriptRunner(max_workers, max_queue, script_timeout, self.scripts_dir)
+        self._runner = ScriptRunner(max_workers, max_queue, script_timeout, self.scripts_dir)
 
     def __repr__(self) -> str:  # the secret stays out of it
         signed = "signed" if self._secret is not None else "unsigned"
@@ -183,7 +175,7 @@ class HookReceiver:
             logger.info("%s", _describe(payload))
         return _no_content()
 
-    def _job_for(self, payload: Mapping[str, Any], body: bytes) -> _Job | None:
+    def _job_for(self, payload: Mapping[str, Any], body: bytes) -> ScriptJob | None:
         """Return the script to run for *payload*, or ``None`` (and say why in the log)."""
         if self.scripts_dir is None:
             return None
@@ -218,7 +210,7 @@ class HookReceiver:
         # (XO_WEBHOOKS_SECRET above all), plus the three variables of the contract.
         env = {k: v for k, v in os.environ.items() if not k.startswith("XO_WEBHOOKS_")}
         env.update(XO_HOOK_TYPE=hook_type, XO_HOOK_METHOD=method, XO_HOOK_CALL_ID=call_id)
-        return _Job(name=name, path=path, stdin=body, env=env)
+        return ScriptJob(name=name, path=path, stdin=body, env=env)
 
 
 def make_receiver(
@@ -287,14 +279,6 @@ def serve(
             logger.warning("stopped with hook scripts still queued or running")
 
 
-@dataclass(frozen=True)
-class _Job:
-    name: str
-    path: str
-    stdin: bytes
-    env: dict[str, str]
-
-
 class _Refused(Exception):
     """A request the receiver answers with a 4xx status."""
 
@@ -330,151 +314,6 @@ class _SeenIds:
             self._ids.pop(_digest(msg_id), None)
 
 
-class _ScriptRunner:
-    """Worker threads, started at the first job, that run scripts one at a time each."""
-
-    def __init__(self, workers: int, max_pending: int, timeout: float, cwd: str | None) -> None:
-        self._workers = workers
-        self._max_pending = max_pending
-        self._timeout = timeout
-        self._cwd = cwd
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._pending = 0  # queued or running
-        self._closed = False
-        self._changed = threading.Condition()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-    def submit(self, job: _Job) -> bool:
-        """Queue *job*; return ``False`` if the runner is closed or full."""
-        with self._changed:
-            if self._closed or self._pending >= self._max_pending:
-                return False
-            if not self._threads:
-                for n in range(self._workers):
-                    thread = threading.Thread(
-                        target=self._work, name=f"xo-webhooks-receiver-{n}", daemon=True
-                    )
-                    thread.start()
-                    self._threads.append(thread)
-            self._pending += 1
-            self._queue.put(job)
-        return True
-
-    def drain(self, timeout: float | None) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self._pending == 0, timeout)
-
-    def close(self, timeout: float | None) -> bool:
-        with self._changed:
-            if not self._closed:
-                self._closed = True
-                for _ in self._threads:
-                    self._queue.put(None)  # one stop sign per worker, after the queued jobs
-            threads = list(self._threads)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in threads)
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._run(job)
-            except Exception:
-                logger.exception("hook script %s could not be run", job.name)
-            finally:
-                with self._changed:
-                    self._pending -= 1
-                    self._changed.notify_all()
-
-    def _run(self, job: _Job) -> None:
-        # The payload goes through a temporary file rather than a pipe, so that a
-        # script that never reads its stdin cannot block this thread.
-        with tempfile.TemporaryFile() as stdin:
-            stdin.write(job.stdin)
-            stdin.seek(0)
-            try:
-                process = subprocess.Popen(
-                    [job.path],
-                    stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    cwd=self._cwd,
-                    env=job.env,
-                    shell=False,
-                    close_fds=True,
-                    start_new_session=True,  # its own process group, killed as a whole
-                )
-            except OSError as e:
-                logger.error("hook script %s could not start (missing #! line?): %s", job.name, e)
-                return
-        started = time.monotonic()
-        output, dropped, timed_out = _collect(process, started + self._timeout)
-        shown = repr(output.decode("utf-8", "replace"))
-        if dropped:
-            shown += f" (and {dropped} more bytes)"
-        if timed_out:
-            logger.warning(
-                "hook script %s was killed after %g s; output: %s", job.name, self._timeout, shown
-            )
-        elif process.returncode == 0:
-            logger.info("hook script %s exited with status 0; output: %s", job.name, shown)
-        else:
-            logger.warning(
-                "hook script %s exited with status %d; output: %s",
-                job.name,
-                process.returncode,
-                shown,
-            )
-
-
-def _collect(process: subprocess.Popen[bytes], deadline: float) -> tuple[bytes, int, bool]:
-    """Read what *process* prints until it exits or *deadline* passes, then kill its group.
-
-    Return the first :data:`OUTPUT_LIMIT` bytes of output, how many more were
-    dropped, and whether the time limit was hit.
-    """
-    assert process.stdout is not None
-    kept = bytearray()
-    dropped = 0
-    timed_out = False
-    fd = process.stdout.fileno()
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            if not selector.select(remaining):
-                continue
-            chunk = os.read(fd, _READ_SIZE)
-            if not chunk:  # end of output: every process of the group closed it
-                break
-            room = max(0, OUTPUT_LIMIT - len(kept))
-            kept += chunk[:room]
-            dropped += len(chunk) - len(chunk[:room])
-    if not timed_out:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    if timed_out:
-        with contextlib.suppress(ProcessLookupError):  # the group is already gone
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    process.stdout.close()
-    return bytes(kept), dropped, timed_out
-
-
 def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     """Read the request body, at most *limit* bytes, without trusting the client."""
     stream = environ["wsgi.input"]
@@ -487,12 +326,12 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
             length = int(raw_length)
             if length > limit:
                 raise _Refused(413, f"the body is larger than {limit} bytes")
-            body = _read_at_most(stream, length)
+            body = read_at_most(stream, length)
             if len(body) < length:
                 raise _Refused(400, "the body is shorter than its Content-Length")
             return body
         if environ.get("wsgi.input_terminated"):  # the server framed it (chunked): read to EOF
-            body = _read_at_most(stream, limit + 1)
+            body = read_at_most(stream, limit + 1)
             if len(body) > limit:
                 raise _Refused(413, f"the body is larger than {limit} bytes")
             return body
@@ -501,17 +340,6 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     if chunked:  # reading an unframed chunked body could block or overrun: refuse it
         raise _Refused(411, "a Content-Length is required")
     return b""
-
-
-def _read_at_most(stream: Any, size: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = stream.read(min(size, _READ_SIZE))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
 
 
 def _parse(body: bytes) -> Any:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["read_body", "Capture", "ObservedResponse"]
+__all__ = ["read_body", "read_at_most", "Capture", "ObservedResponse"]
 
 logger = logging.getLogger("xo_webhooks")
 CHUNK = 64 * 1024
@@ -32,9 +32,9 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             return None
         if expected < 0 or expected > limit:
             return None
-        body = _read(stream, expected)
+        body = read_at_most(stream, expected)
     elif environ.get("wsgi.input_terminated"):  # chunked: read to the end, up to a cap
-        body = _read(stream, limit + 1)
+        body = read_at_most(stream, limit + 1)
         if len(body) > limit:
             environ["wsgi.input"] = _PrefixedInput.wrap(body, stream)
             return None
@@ -45,7 +45,8 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
     return body
 
 
-def _read(stream: Any, size: int) -> bytes:
+def read_at_most(stream: Any, size: int) -> bytes:
+    """Read up to *size* bytes from a WSGI input stream, in bounded chunks."""
     parts = []
     remaining = size
     while remaining > 0:
