@@ -134,8 +134,10 @@ def run_demo(out: TextIO) -> int:
 
 def main() -> int:
     """Entry point of ``python -m xo_webhooks.demo``."""
+    import logging
     import sys
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the demo
     return 0 if run_demo(sys.stdout) else 1
 
 
