@@ -10,8 +10,6 @@ import threading
 import time
 
 import pytest
-import requests
-import responses
 from standardwebhooks.webhooks import Webhook
 
 from xo_webhooks import load_settings
@@ -43,36 +41,46 @@ def make(url=URL, **settings):
         pytest.param(410, False, False, id="410"),
     ],
 )
-@responses.activate
-def test_status_classification(status, delivered, retryable):
-    responses.post(URL, status=status, headers={"Location": "http://127.0.0.1:9/elsewhere"})
-    sender, delivery = make()
+def test_status_classification(status, delivered, retryable, webhook_receiver):
+    webhook_receiver.respond_with(status, headers={"Location": webhook_receiver.url + "moved"})
+    sender, delivery = make(webhook_receiver.url)
     attempt = sender.send(delivery)
     assert (attempt.delivered, attempt.retryable, attempt.status) == (delivered, retryable, status)
-    assert len(responses.calls) == 1  # a redirect is never followed
+    assert [a.path for a in webhook_receiver.attempts] == ["/"]  # a redirect is never followed
     assert delivery.attempts == 1
 
 
-@responses.activate
-def test_request_shape_and_redaction():
-    responses.post(URL, status=204)
-    sender, delivery = make(hook={"headers": {"Authorization": "Bearer abc"}})
+def test_request_shape_and_redaction(webhook_receiver):
+    sender, delivery = make(webhook_receiver.url, hook={"headers": {"Authorization": "Bearer abc"}})
     assert sender.send(delivery).delivered
-    request = responses.calls[0].request
-    assert request.headers["Content-Type"] == "application/json"
-    assert request.headers["Authorization"] == "Bearer abc"
-    assert request.headers["User-Agent"].startswith("xo-webhooks/")
-    assert b'"password":"***"' in request.body
+    (request,) = webhook_receiver.wait_for(1)
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["authorization"] == "Bearer abc"
+    assert request.headers["user-agent"].startswith("xo-webhooks/")
+    assert request.payload["params"] == {"password": "***", "id": 1}
     assert "webhook-signature" not in request.headers
     assert request.headers["webhook-id"] == delivery.id  # for de-duplication, signed or not
 
 
-@responses.activate
-def test_timeout_and_connection_errors_are_retryable():
-    responses.post(URL, body=requests.ConnectTimeout("slow"))
-    sender, delivery = make(timeout=0.5)
+def test_connections_are_kept_alive(webhook_receiver):
+    sender, delivery = make(webhook_receiver.url)
+    for _ in range(5):
+        assert sender.send(delivery).delivered
+    assert webhook_receiver.connections == 1
+
+
+def test_timeouts_are_retryable(webhook_receiver):
+    webhook_receiver.respond_with(204, delay=2)
+    sender, delivery = make(webhook_receiver.url, timeout=0.2)
     attempt = sender.send(delivery)
-    assert attempt.retryable and "timed out after 0.5 s" in attempt.error
+    assert attempt.retryable and attempt.error == "timed out after 0.2 s"
+
+
+def test_refused_connections_are_retryable(refused_url):
+    sender, delivery = make(refused_url)
+    attempt = sender.send(delivery)
+    assert attempt.retryable and attempt.error.startswith("connection failed: ")
+    assert "refused" in attempt.error.lower()
 
 
 @pytest.mark.parametrize(

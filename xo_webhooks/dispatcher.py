@@ -57,6 +57,7 @@ def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
     dispatcher = ref()
     if dispatcher is not None:
         dispatcher._reset()
+        dispatcher.sender.reset()
 
 
 class ThreadDispatcher:

@@ -151,6 +151,11 @@ class WebhookReceiver:
     # -- what arrived --------------------------------------------------------------
 
     @property
+    def connections(self) -> int:
+        """How many TCP connections were accepted since start (keep-alive reuses one)."""
+        return self._server.accepted if self._server is not None else 0
+
+    @property
     def received(self) -> list[ReceivedHook]:
         """A copy of the requests answered with a 2xx status, in arrival order."""
         with self._cond:
@@ -316,6 +321,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._connections: dict[threading.Thread, socket.socket] = {}
         self._connections_lock = threading.Lock()
+        self.accepted = 0  # connections accepted since start
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -324,6 +330,7 @@ class _Server(ThreadingHTTPServer):
         )
         with self._connections_lock:
             self._connections[thread] = request
+            self.accepted += 1
         thread.start()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
