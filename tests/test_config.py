@@ -346,3 +346,8 @@ def test_integer_settings_are_ints(name: str) -> None:
     except ConfigError:
         return  # rejecting 4.0 is as good as converting it
     assert type(value) is int
+
+
+@pytest.mark.parametrize("name", ["XO_WEBHOOKS_HOOKS", "XO_WEBHOOKS_TIMEOUT", "XO_WEBHOOKS_SECRET"])
+def test_an_empty_variable_is_unset(name: str) -> None:
+    assert load_settings(environ={name: "  "}) == load_settings(environ={})

@@ -160,7 +160,9 @@ def load_settings(
 
     for key in ("hooks", *SETTING_KEYS):
         name = env_name(key)
-        if name in environ:
+        # An empty variable is unset (as compose files write them), except REDACT,
+        # where empty means "redact nothing".
+        if environ.get(name, "").strip() or (key == "redact" and name in environ):
             document[key] = _parse_env(name, environ[name], key)
             sources[key] = name
 
