@@ -1,0 +1,17 @@
+# make test   runs the test suite, nothing else.
+# make bench  installs what the benchmark needs (the package with its test extras, and
+#             nginx when missing and apt-get is there), then runs bench/run.py.
+PYTHON ?= python
+
+.PHONY: test bench
+
+test:
+	$(PYTHON) -m pytest
+
+bench:
+	$(PYTHON) -m pip install -q -e '.[test]'
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+	  (command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -q nginx || (apt-get update -q && apt-get install -y -q nginx))) || \
+	  echo "nginx could not be installed: the benchmark falls back to a Python receiver"
+	$(PYTHON) bench/run.py

@@ -1,0 +1,108 @@
+"""Scenarios 1-3: what the middleware costs on the request path, in-process, no sockets.
+
+1. 20 hooks configured, none matching the calls: wrapped / bare throughput.
+2. Every call matches a pre/post hook; a no-op dispatcher stands in for delivery.
+3. 1,000 hooks (one in ten a glob) vs 1 hook, both matching every call once.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+from apps import (
+    CALLED_METHODS,
+    UNMATCHED_METHODS,
+    NoopDispatcher,
+    WsgiCaller,
+    create_app,
+    hook,
+    rpc_body,
+    unmatched_hooks,
+)
+from common import Row, Spread, interleaved_rates, ratios
+
+from xo_webhooks import WebhookMiddleware
+
+UNUSED_URL = "http://127.0.0.1:9/hook"  # never contacted: nothing is delivered here
+
+
+def calls_per_round(caller: WsgiCaller, app: Any, seconds: float) -> int:
+    """How many calls of *app* take about *seconds*."""
+    caller.call_many(app, 50)
+    start = time.perf_counter()
+    caller.call_many(app, 200)
+    per_call = (time.perf_counter() - start) / 200
+    return max(500, int(seconds / per_call))
+
+
+def run(rounds: int, round_seconds: float) -> list[Row]:
+    flask_app = create_app()
+    bare = flask_app.wsgi_app
+    rows = []
+
+    # 1. Hooks configured, none matching.
+    caller = WsgiCaller([rpc_body(m, i) for i, m in enumerate(UNMATCHED_METHODS)])
+    wrapped = WebhookMiddleware(bare, unmatched_hooks(20, UNUSED_URL), environ={})
+    try:
+        caller.check(bare)
+        caller.check(wrapped)
+        count = calls_per_round(caller, bare, round_seconds)
+        rates = _pair(caller, count, rounds, bare=bare, wrapped=wrapped)
+        rows.append(Row(
+            "1", "no hook matches (20 hooks): wrapped / bare calls/s",
+            ratios(rates["wrapped"], rates["bare"]), target=">= 0.95",
+            detail=_detail(rates, count),
+        ))  # fmt: skip
+        if wrapped.stats()["accepted"]:
+            raise RuntimeError("scenario 1: a hook matched; it should not")
+    finally:
+        wrapped.close(0)
+
+    # 2. Every call matches a pre/post hook; a no-op dispatcher.
+    caller = WsgiCaller([rpc_body(m, i) for i, m in enumerate(CALLED_METHODS)])
+    noop = NoopDispatcher()
+    hooks = unmatched_hooks(16, UNUSED_URL) + [hook(m, UNUSED_URL) for m in CALLED_METHODS]
+    wrapped = WebhookMiddleware(bare, hooks, environ={}, dispatcher=noop)
+    caller.check(wrapped)
+    count = calls_per_round(caller, bare, round_seconds)
+    noop.submitted = 0
+    rates = _pair(caller, count, rounds, bare=bare, wrapped=wrapped)
+    calls = count // 10 * 10 * (rounds + 1)  # interleaved_rates: 10 slices, 1 warm-up
+    if noop.submitted != 2 * calls:
+        raise RuntimeError(f"scenario 2: {noop.submitted} hooks for {calls} calls, not 2 each")
+    rows.append(Row(
+        "2", "pre/post hook matches every call (no-op dispatcher): wrapped / bare",
+        ratios(rates["wrapped"], rates["bare"]), target=">= 0.85", detail=_detail(rates, count),
+    ))  # fmt: skip
+    # The absolute cost per call, for the README; noisy, hence not a target.
+    per_call = [1e6 / w - 1e6 / b for w, b in zip(rates["wrapped"], rates["bare"])]
+    rows.append(Row(
+        "2", "  added latency per matching call", Spread.of(per_call), unit="us",
+    ))  # fmt: skip
+
+    # 3. 1,000 hooks vs 1, both matching each call exactly once (through a glob).
+    one = WebhookMiddleware(bare, [hook("vm.*", UNUSED_URL)], environ={}, dispatcher=noop)
+    many_hooks = unmatched_hooks(999, UNUSED_URL) + [hook("vm.*", UNUSED_URL)]
+    many = WebhookMiddleware(bare, many_hooks, environ={}, dispatcher=noop)
+    if len(many.table.match("vm.start")) != 1 or len(one.table.match("vm.start")) != 1:
+        raise RuntimeError("scenario 3: each call must match exactly one hook")
+    rates = _pair(caller, count, rounds, one=one, many=many)
+    rows.append(Row(
+        "3", "1,000 hooks vs 1 (matching): calls/s ratio",
+        ratios(rates["many"], rates["one"]), target=">= 0.95", detail=_detail(rates, count),
+    ))  # fmt: skip
+    return rows
+
+
+def _pair(caller: WsgiCaller, count: int, rounds: int, **apps: Any) -> dict[str, list[float]]:
+    sides = {name: functools.partial(caller.call_many, app) for name, app in apps.items()}
+    return interleaved_rates(sides, count, rounds)
+
+
+def _detail(rates: dict[str, list[float]], count: int) -> dict[str, Any]:
+    detail: dict[str, Any] = {"calls_per_round": count}
+    for name, values in rates.items():
+        detail[f"{name}_calls_per_s"] = Spread.of(values).__dict__
+    return detail
