@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import os
 import random
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import certifi
@@ -32,31 +32,68 @@ MAX_DELAY = 60.0  # seconds: cap of the backoff and of a receiver's Retry-After
 RETRY_STATUSES = frozenset({408, 429})
 
 
-@dataclass
 class Delivery:
     """A hook payload to deliver to one hook's URL.
 
     :param hook: the configured hook (URL, format, secret, headers).
-    :param payload: the payload as built on the request path, not yet redacted.
-    :param id: the message id, the same for every attempt (the ``webhook-id`` header).
+    :param payload: the payload, not yet redacted; or ``None`` with *build*.
+    :param id: the message id, the same for every attempt (the ``webhook-id`` header);
+        a new random one by default.
+    :param attempts: attempts already made (a replayed or redelivered hook).
+    :param last_error: why the last attempt failed.
+    :param build: makes the payload on first use, so that a post hook's payload (and
+        the parsing of the response it needs) is built by a delivery thread, not on
+        the request path. Then *call_id* and *kind* must be given.
     """
 
-    hook: Hook
-    payload: dict[str, Any]
-    id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
-    attempts: int = 0
-    last_error: str | None = None
-    body: bytes | None = field(default=None, repr=False)
+    __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
+                 "call_id", "kind")  # fmt: skip
+
+    def __init__(
+        self,
+        hook: Hook,
+        payload: dict[str, Any] | None = None,
+        id: str | None = None,  # noqa: A002 - the Standard Webhooks name
+        attempts: int = 0,
+        last_error: str | None = None,
+        *,
+        build: Callable[[], dict[str, Any]] | None = None,
+        call_id: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        if payload is None and (build is None or call_id is None or kind is None):
+            raise TypeError("a Delivery needs a payload, or build with call_id and kind")
+        self.hook = hook
+        self._payload = payload
+        self._build = build
+        self.id = id or "msg_" + os.urandom(16).hex()
+        self.attempts = attempts
+        self.last_error = last_error
+        self.body: bytes | None = None
+        self.call_id = call_id if payload is None else payload.get("callId")
+        self.kind = kind if payload is None else payload.get("type")
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The payload, built on first use."""
+        if self._payload is None:
+            assert self._build is not None
+            self._payload, self._build = self._build(), None
+        return self._payload
+
+    @payload.setter
+    def payload(self, value: dict[str, Any]) -> None:
+        self._payload = value
 
     @property
     def is_pre(self) -> bool:
         """Whether this is a ``pre`` hook."""
-        return self.payload.get("type") == "pre"
+        return self.kind == "pre"
 
     @property
     def order_key(self) -> tuple[Any, str]:
         """A call's post hook to a URL waits for its pre hook to the same URL."""
-        return (self.payload.get("callId"), self.hook.url)
+        return (self.call_id, self.hook.url)
 
     def prepare(self, redact_words: Iterable[str]) -> bytes:
         """Redact and serialise the payload once; return the request body."""
@@ -76,6 +113,12 @@ class Delivery:
             "lastError": self.last_error,
             "failedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def __repr__(self) -> str:
+        return (
+            f"Delivery({self.kind} call {self.call_id} to {self.hook.url!r}, id={self.id!r}, "
+            f"attempts={self.attempts})"
+        )
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ class ThreadDispatcher:
         os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # workers wait here for hooks to send
+        self._idle = threading.Condition(lock)  # flush() waits here for nothing pending
         self._ready: deque[Delivery] = deque()
         self._delayed: list[tuple[float, int, Delivery]] = []  # heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
@@ -141,8 +143,8 @@ class ThreadDispatcher:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending; return whether that happened within *timeout*."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending() == 0, timeout)
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending() == 0, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
@@ -253,7 +255,7 @@ class ThreadDispatcher:
                 self._ready.extend(held)
                 self._cond.notify(len(held))
         if self._pending() == 0:
-            self._cond.notify_all()
+            self._idle.notify_all()
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
         """Record deliveries counted in ``_in_flight`` as failed, then drop them from it."""

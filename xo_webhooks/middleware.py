@@ -8,9 +8,11 @@ streamed to the client unchanged while a capped copy of it feeds the post hooks.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from .wsgi import Capture, ObservedResponse, read_body
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+    OutcomeOf = Callable[["_TrackedCall"], Outcome]
+
 __all__ = ["WebhookMiddleware", "remote_user", "USER_ENVIRON_KEY"]
 
 logger = logging.getLogger("xo_webhooks")
@@ -34,6 +38,8 @@ logger = logging.getLogger("xo_webhooks")
 USER_ENVIRON_KEY = "xo_webhooks.user"
 UserResolver = Callable[["WSGIEnvironment"], Optional[User]]
 NO_USER: User = (None, None)
+# How a request's method names stand in its bytes when it has no JSON escapes.
+_METHOD_MEMBER = re.compile(rb'"method"\s*:\s*"([^"\\]*)"')
 
 
 def remote_user(environ: WSGIEnvironment) -> User | None:
@@ -53,12 +59,22 @@ class _TrackedCall:
     start_ms: int
     start: float  # monotonic, for the duration
 
-    def payload(self, end: float, outcome: Outcome, user: User) -> dict[str, Any]:
-        duration = int((end - self.start) * 1000)
-        return post_payload(
-            self.call_id, user, self.call.method, self.call.params,
-            self.start_ms, self.start_ms + duration, outcome,
-        )  # fmt: skip
+    def post_builder(
+        self, end: float, outcome_of: OutcomeOf, user: User
+    ) -> Callable[[], dict[str, Any]]:
+        """Make this call's post payload later, once, for all its post hooks."""
+        built: list[dict[str, Any]] = []
+
+        def build() -> dict[str, Any]:
+            if not built:  # two threads may race here: both build the same payload
+                duration = int((end - self.start) * 1000)
+                built.append(post_payload(
+                    self.call_id, user, self.call.method, self.call.params,
+                    self.start_ms, self.start_ms + duration, outcome_of(self),
+                ))  # fmt: skip
+            return built[0]
+
+        return build
 
 
 class WebhookMiddleware:
@@ -153,7 +169,8 @@ class WebhookMiddleware:
         If the block raises, the post hook carries the error and the exception goes on.
         """
         record = CallResult()
-        entry = Call(method, {} if params is None else params)
+        # Copies: the payloads are serialised later, on another thread.
+        entry = Call(method, {} if params is None else copy.deepcopy(params))
         tracked = self._start([entry], user or NO_USER)
         try:
             yield record
@@ -161,13 +178,14 @@ class WebhookMiddleware:
             failure = internal_error(_describe(e))
             self._finish(tracked, lambda _: failure, {})
             raise
-        self._finish(tracked, lambda _: Outcome(result=record.result), {})
+        success = Outcome(result=copy.deepcopy(record.result))
+        self._finish(tracked, lambda _: success, {})
 
     # -- the request path ---------------------------------------------------------------
 
     def _track(self, environ: WSGIEnvironment) -> list[_TrackedCall]:
         body = read_body(environ, self.settings.max_body)
-        if not body:
+        if not body or not self._may_match(body):
             return []
         calls = parse_calls(body)
         if not calls or not any(self.table.match(c.method) for c in calls):
@@ -179,6 +197,22 @@ class WebhookMiddleware:
             user = NO_USER
         return self._start(calls, user)
 
+    def _may_match(self, body: bytes) -> bool:
+        """Whether *body* can hold a call that triggers a hook, told without parsing it.
+
+        Without a backslash (a JSON escape), every method name of a request stands in
+        the bytes as ``"method": "<name>"``; if none of those has a hook, no call has.
+        """
+        if b"\\" in body:
+            return True
+        for found in _METHOD_MEMBER.finditer(body):
+            try:
+                if self.table.match(found.group(1).decode("utf-8")):
+                    return True
+            except UnicodeDecodeError:
+                return True  # let the JSON parser judge
+        return False
+
     def _start(self, calls: list[Call], user: User) -> list[_TrackedCall]:
         """Track the calls that trigger hooks and send their pre hooks."""
         start_ms, start = int(time.time() * 1000), time.monotonic()
@@ -186,7 +220,8 @@ class WebhookMiddleware:
         for call in calls:
             hooks = self.table.match(call.method)
             if hooks:
-                tracked.append(_TrackedCall(call, hooks, uuid.uuid4().hex, user, start_ms, start))
+                call_id = os.urandom(16).hex()
+                tracked.append(_TrackedCall(call, hooks, call_id, user, start_ms, start))
         waiting = []
         for entry in tracked:
             pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
@@ -224,25 +259,28 @@ class WebhookMiddleware:
     def _finish_request(
         self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
     ) -> None:
-        outcomes = _outcomes(tracked, capture)
-        self._finish(tracked, lambda entry: outcomes[entry.call_id], environ)
+        # The response is parsed, and the post payloads built, by a delivery thread.
+        outcomes: dict[str, Outcome] = {}
+
+        def outcome_of(entry: _TrackedCall) -> Outcome:
+            if not outcomes:
+                outcomes.update(_outcomes(tracked, capture))
+            return outcomes[entry.call_id]
+
+        self._finish(tracked, outcome_of, environ)
 
     def _finish(
-        self,
-        tracked: list[_TrackedCall],
-        outcome_of: Callable[[_TrackedCall], Outcome],
-        environ: Mapping[str, Any],
+        self, tracked: list[_TrackedCall], outcome_of: OutcomeOf, environ: Mapping[str, Any]
     ) -> None:
         """Queue the post hooks of *tracked* calls."""
         end = time.monotonic()
         late_user = _as_user(environ.get(USER_ENVIRON_KEY))
         for entry in tracked:
-            user = late_user or entry.user
-            payload = None
+            build = entry.post_builder(end, outcome_of, late_user or entry.user)
             for hook in entry.hooks:
                 if hook.post:
-                    payload = payload or entry.payload(end, outcome_of(entry), user)
-                    self.dispatcher.submit(Delivery(hook, payload))
+                    delivery = Delivery(hook, build=build, call_id=entry.call_id, kind="post")
+                    self.dispatcher.submit(delivery)
 
 
 @dataclass
