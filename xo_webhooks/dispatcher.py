@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 from .config import Settings
 from .deadletter import open_dead_letter
 from .delivery import Attempt, Delivery, Sender, backoff_delay
+from .recorder import Recorder
 
 __all__ = ["Dispatcher", "ThreadDispatcher", "STAT_NAMES"]
 
@@ -31,6 +32,10 @@ logger = logging.getLogger("xo_webhooks")
 
 STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
 GiveUpHandler = Callable[[list[Delivery]], None]
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 class Dispatcher(Protocol):
@@ -101,6 +106,7 @@ class ThreadDispatcher:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._closed = False
+        self._recorder = Recorder(self._record, self._count_given_up, self.settings.queue_size)
 
     # -- the caller's side ------------------------------------------------------------
 
@@ -167,7 +173,8 @@ class ThreadDispatcher:
             delivery.last_error = delivery.last_error or "still pending at shutdown"
         self._give_up(left)
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(_left(deadline))
+        self._recorder.close(_left(deadline) + 5)  # kept hooks must reach the file
         atexit.unregister(self.close)
 
     def stats(self) -> dict[str, int]:
@@ -258,10 +265,12 @@ class ThreadDispatcher:
             self._idle.notify_all()
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
-        """Record deliveries counted in ``_in_flight`` as failed, then drop them from it."""
-        if not deliveries:
-            return
-        written = self._record(deliveries)
+        """Have deliveries counted in ``_in_flight`` recorded as failed: by the recorder
+        thread, or here once it is closed or too far behind."""
+        if deliveries and not self._recorder.put(deliveries):
+            self._count_given_up(deliveries, self._record(deliveries))
+
+    def _count_given_up(self, deliveries: list[Delivery], written: bool) -> None:
         with self._cond:
             self._counters["failed"] += len(deliveries)
             self._counters["dead_lettered" if written else "lost"] += len(deliveries)
