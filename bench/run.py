@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import celery_publish  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
 import receivers  # noqa: E402
@@ -30,7 +32,7 @@ import request_path  # noqa: E402
 import throughput  # noqa: E402
 from common import Row, render_table  # noqa: E402
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "C")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -151,7 +153,12 @@ def main(argv: list[str]) -> int:
         with receivers.slow_receiver() as url:
             info["slow_receiver"] = "Python ThreadingHTTPServer, 2 s before 204"
             step("7 latency over HTTP", latency.run, args.rounds, url)
-    rows = [r for r in rows if r.scenario in only]
+    if "C" in only:
+        if shutil.which("redis-server") is None:
+            print("C skipped: redis-server is not installed (apt-get install redis-server)")
+        else:
+            step("C celery publish cost", celery_publish.run, args.rounds)
+    rows = [r for r in rows if r.scenario in only or r.scenario.startswith("C")]
 
     info["wall_seconds"] = round(time.perf_counter() - started, 1)
     info["step_seconds"] = timings

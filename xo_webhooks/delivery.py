@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import itertools
 import os
 import random
 import threading
@@ -25,11 +26,26 @@ from . import __version__, signing
 from .config import Hook, Settings
 from .payload import redact_payload, serialize
 
-__all__ = ["Delivery", "Attempt", "Sender", "backoff_delay", "USER_AGENT"]
+__all__ = ["Delivery", "Attempt", "Sender", "backoff_delay", "new_id", "USER_AGENT"]
 
 USER_AGENT = f"xo-webhooks/{__version__} urllib3/{urllib3.__version__}"
 MAX_DELAY = 60.0  # seconds: cap of the backoff and of a receiver's Retry-After
 RETRY_STATUSES = frozenset({408, 429})
+
+
+def new_id() -> str:
+    """A unique id (32 hex digits): a random per-process prefix and a counter, so that
+    the request path makes no system call for it."""
+    return f"{_id_prefix}{next(_id_counter):016x}"
+
+
+def _reseed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
+
+
+_id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
+os.register_at_fork(after_in_child=_reseed_ids)  # a forked worker must not repeat ids
 
 
 class Delivery:
@@ -66,7 +82,7 @@ class Delivery:
         self.hook = hook
         self._payload = payload
         self._build = build
-        self.id = id or "msg_" + os.urandom(16).hex()
+        self.id = id or "msg_" + new_id()
         self.attempts = attempts
         self.last_error = last_error
         self.body: bytes | None = None

@@ -9,8 +9,8 @@ streamed to the client unchanged while a capped copy of it feeds the post hooks.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .config import Hook, Settings, load_settings
-from .delivery import Delivery
+from .delivery import Delivery, new_id
 from .dispatcher import Dispatcher, ThreadDispatcher
 from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
 from .matching import HookTable
@@ -117,13 +117,15 @@ class WebhookMiddleware:
             None if hooks is None else list(hooks), environ, **settings
         )
         self.table = HookTable(self.settings.hooks)
+        self._enabled = bool(self.table)
+        self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
         self.user_resolver = user_resolver or remote_user
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Cheap checks first: most requests never have their body touched.
         if (
-            not self.table
+            not self._enabled
             or environ.get("REQUEST_METHOD") != "POST"
             or not _may_be_json(environ.get("CONTENT_TYPE", ""))
         ):
@@ -205,13 +207,13 @@ class WebhookMiddleware:
         """
         if b"\\" in body:
             return True
-        for found in _METHOD_MEMBER.finditer(body):
-            try:
-                if self.table.match(found.group(1).decode("utf-8")):
-                    return True
-            except UnicodeDecodeError:
-                return True  # let the JSON parser judge
-        return False
+        return any(self._has_hook(name) for name in _METHOD_MEMBER.findall(body))
+
+    def _name_has_hook(self, name: bytes) -> bool:
+        try:
+            return bool(self.table.match(name.decode("utf-8")))
+        except UnicodeDecodeError:
+            return True  # let the JSON parser judge
 
     def _start(self, calls: list[Call], user: User) -> list[_TrackedCall]:
         """Track the calls that trigger hooks and send their pre hooks."""
@@ -220,8 +222,7 @@ class WebhookMiddleware:
         for call in calls:
             hooks = self.table.match(call.method)
             if hooks:
-                call_id = os.urandom(16).hex()
-                tracked.append(_TrackedCall(call, hooks, call_id, user, start_ms, start))
+                tracked.append(_TrackedCall(call, hooks, new_id(), user, start_ms, start))
         waiting = []
         for entry in tracked:
             pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
@@ -330,6 +331,7 @@ def _as_user(value: Any) -> User | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def _may_be_json(content_type: str) -> bool:
     """JSON-RPC clients send JSON, sometimes labelled text/plain or not at all."""
     if not content_type:
