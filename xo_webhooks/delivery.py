@@ -8,27 +8,23 @@ try again. Scheduling attempts is the dispatcher's job.
 from __future__ import annotations
 
 import email.utils
-import functools
+import http.client
 import itertools
 import os
 import random
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import certifi
-import urllib3
-
 from . import __version__, signing
 from .config import Hook, Settings
 from .payload import redact_payload, serialize
+from .transport import Transport
 
 __all__ = ["Delivery", "Attempt", "Sender", "backoff_delay", "new_id", "USER_AGENT"]
 
-USER_AGENT = f"xo-webhooks/{__version__} urllib3/{urllib3.__version__}"
+USER_AGENT = f"xo-webhooks/{__version__}"
 MAX_DELAY = 60.0  # seconds: cap of the backoff and of a receiver's Retry-After
 RETRY_STATUSES = frozenset({408, 429})
 
@@ -149,54 +145,22 @@ class Attempt:
 
 
 class Sender:
-    """Sends deliveries over HTTP, reusing kept-alive connections.
+    """Makes one delivery attempt over HTTP (see :mod:`xo_webhooks.transport`).
 
-    It uses urllib3, the transport under requests, directly: on this path requests'
-    per-call work (environment proxies, cookies, hooks, its Response) cost three times
-    the CPU of the request itself (see the README's Performance section). The pools
-    are shared by the worker threads and sized to their count; each hook URL's route
-    (pool and request target) is worked out once.
-
-    :param settings: timeout, CA bundle, worker count (the pool size) and redaction
-        words come from here. Proxies come from the usual variables (``HTTP_PROXY``,
-        ``HTTPS_PROXY``, ``NO_PROXY``), read once.
+    :param settings: timeout, CA bundle and redaction words come from here.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
-        self._proxies = urllib.request.getproxies()
-        self.reset()
+        self.transport = Transport(settings.timeout, settings.ca_bundle)
 
     def reset(self) -> None:
         """Forget every connection, e.g. in a child process after a fork."""
-        self._lock = threading.Lock()
-        self._routes: dict[str, Callable[..., urllib3.BaseHTTPResponse]] = {}
-        self._pool_options: dict[str, Any] = {
-            "num_pools": 32,
-            "maxsize": self.settings.max_workers,
-            "cert_reqs": "CERT_REQUIRED",
-            "ca_certs": self.settings.ca_bundle or certifi.where(),
-        }
-        self._direct = urllib3.PoolManager(**self._pool_options)
+        self.transport.reset()
 
-    def _route(self, url: str) -> Callable[..., urllib3.BaseHTTPResponse]:
-        """A callable that POSTs to *url*: straight to its connection pool, or through
-        the proxy the environment names for it."""
-        route = self._routes.get(url)
-        if route is not None:
-            return route
-        with self._lock:
-            parsed = urllib3.util.parse_url(url)
-            proxy = self._proxies.get(parsed.scheme or "http")
-            if proxy and not urllib.request.proxy_bypass(parsed.host or ""):
-                manager = urllib3.ProxyManager(proxy, **self._pool_options)
-                route = functools.partial(manager.urlopen, "POST", url)
-            else:
-                pool = self._direct.connection_from_url(url)
-                route = functools.partial(pool.urlopen, "POST", parsed.request_uri)
-            self._routes[url] = route
-        return route
+    def release(self) -> None:
+        """Close the calling thread's connections."""
+        self.transport.release()
 
     def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
         """The request headers of *delivery*: content type, the hook's own, its
@@ -223,38 +187,27 @@ class Sender:
         except Exception as e:  # e.g. a payload nested too deeply to encode
             return Attempt(False, f"cannot encode the payload: {type(e).__name__}")
         try:
-            response = self._route(delivery.hook.url)(
-                body=body,
-                headers=self.headers(delivery, body),
-                timeout=self._timeout,
-                retries=False,  # the dispatcher schedules retries
-                redirect=False,  # a 3xx is a failure, never followed
+            status, retry_after = self.transport.post(
+                delivery.hook.url, body, self.headers(delivery, body)
             )
-        except (
-            urllib3.exceptions.NewConnectionError,  # refused; a ConnectTimeoutError subclass
-            urllib3.exceptions.ProtocolError,  # reset, closed mid-response
-            urllib3.exceptions.SSLError,
-            urllib3.exceptions.ProxyError,
-        ) as e:
-            return Attempt(False, f"connection failed: {_reason(e)}", retryable=True)
-        except urllib3.exceptions.TimeoutError:
+        except TimeoutError:
             return Attempt(False, f"timed out after {self.settings.timeout:g} s", retryable=True)
-        except Exception as e:  # a URL urllib3 cannot use, an unexpected transport error
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, TLS, not HTTP
+            return Attempt(False, f"connection failed: {_reason(e)}", retryable=True)
+        except Exception as e:  # a URL or proxy that cannot be used
             return Attempt(False, f"request failed: {_reason(e)}")
-        status = response.status
         if 200 <= status < 300:
             return Attempt(True, status=status)
         error = f"HTTP {status}"
         if status >= 500 or status in RETRY_STATUSES:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            return Attempt(False, error, retryable=True, retry_after=retry_after, status=status)
+            return Attempt(
+                False, error, retryable=True, retry_after=parse_retry_after(retry_after),
+                status=status,
+            )  # fmt: skip
         return Attempt(False, error, status=status)
 
 
 def _reason(error: Exception) -> str:
-    # urllib3 wraps the useful part (e.g. ConnectionRefusedError); keep the innermost.
-    while error.args and isinstance(error.args[-1], Exception):
-        error = error.args[-1]
     return f"{type(error).__name__}: {error}"[:200]
 
 

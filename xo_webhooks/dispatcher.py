@@ -143,7 +143,10 @@ class ThreadDispatcher:
             self._in_flight += 1
             if delivery.is_pre:
                 self._open_pres[delivery.order_key] += 1
-        attempt = self.sender.send(delivery)
+        try:
+            attempt = self.sender.send(delivery)
+        finally:
+            self.sender.release()  # a server thread: it may not live to send another
         self._settle(delivery, attempt)
         return attempt.delivered
 
@@ -200,12 +203,15 @@ class ThreadDispatcher:
         atexit.register(self.close)
 
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                delivery = self._next_delivery()
-                if delivery is None:
-                    return
-            self._settle(delivery, self.sender.send(delivery))
+        try:
+            while True:
+                with self._cond:
+                    delivery = self._next_delivery()
+                    if delivery is None:
+                        return
+                self._settle(delivery, self.sender.send(delivery))
+        finally:
+            self.sender.release()
 
     def _next_delivery(self) -> Delivery | None:
         """Wait for a delivery that is due; ``None`` once stopping. Holds the lock."""

@@ -1,0 +1,187 @@
+"""The HTTP transport of hooks: http.client with one kept-alive connection per thread
+and origin.
+
+Why not requests or urllib3: a hook is one small POST to one of a few fixed URLs, and
+their per-request layers cost several times the CPU of the request itself, CPU the API
+shares (the README's Performance section has the numbers). What this keeps from them:
+certificates verified (certifi, or a CA bundle), proxies from ``HTTP_PROXY`` /
+``HTTPS_PROXY`` / ``NO_PROXY``, connect and read timeouts, a connection the server
+closed while idle detected and replaced, and redirects never followed.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import select
+import socket
+import ssl
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+import certifi
+
+__all__ = ["Transport", "Route", "MAX_RESPONSE"]
+
+MAX_RESPONSE = 64 * 1024  # bytes of a receiver's answer read; a longer one ends the connection
+
+
+@dataclass(frozen=True)
+class Route:
+    """How to reach a URL: which server to connect to, and what to ask it for.
+
+    :param key: connections are shared by the URLs with the same key (origin and proxy).
+    :param https: whether the connection (to the origin, or tunnelled through the proxy)
+        uses TLS.
+    :param host: the server connected to: the origin, or the proxy.
+    :param target: the request target: the path and query, or the whole URL when an
+        http URL goes through a proxy.
+    :param tunnel: ``(host, port)`` to reach through the proxy with ``CONNECT``.
+    :param proxy_headers: ``Proxy-Authorization`` when the proxy URL has credentials.
+    """
+
+    key: tuple[object, ...]
+    https: bool
+    host: str
+    port: int
+    target: str
+    tunnel: tuple[str, int] | None = None
+    proxy_headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, url: str, proxies: dict[str, str]) -> Route:
+        """The route to *url*, through the proxy *proxies* name for it (as returned by
+        :func:`urllib.request.getproxies`), unless ``NO_PROXY`` exempts its host."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        https = parts.scheme == "https"
+        port = parts.port or (443 if https else 80)
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        proxy = proxies.get(parts.scheme)
+        if not proxy or urllib.request.proxy_bypass(parts.hostname):
+            return cls(("direct", https, parts.hostname, port), https, parts.hostname, port, path)
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if via.scheme != "http" or not via.hostname:
+            raise ValueError(f"only http:// proxies are supported, not {proxy!r}")
+        headers = {}
+        if via.username:
+            user, password = via.username, via.password or ""
+            login = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+        proxy_port = via.port or 80
+        key = ("proxy", via.hostname, proxy_port, https, parts.hostname, port)
+        if https:  # TLS to the origin, inside a CONNECT tunnel
+            return cls(key, True, via.hostname, proxy_port, path, (parts.hostname, port), headers)
+        return cls(key, False, via.hostname, proxy_port, url, None, headers)
+
+
+class Transport:
+    """POSTs bodies; each thread keeps its own connections, so they need no lock.
+
+    :param timeout: seconds to connect, and to wait for each read.
+    :param ca_bundle: a CA bundle file for https receivers (certifi's by default).
+    """
+
+    def __init__(self, timeout: float, ca_bundle: str | None = None) -> None:
+        self.timeout = timeout
+        self._tls = ssl.create_default_context(cafile=ca_bundle or certifi.where())
+        self._proxies = urllib.request.getproxies()
+        self._routes: dict[str, Route] = {}
+        self._local = threading.local()
+
+    def reset(self) -> None:
+        """Forget every connection (in a child process after a fork)."""
+        self._local = threading.local()
+
+    def release(self) -> None:
+        """Close the calling thread's connections (a thread about to end)."""
+        for connection in self._connections().values():
+            connection.close()
+        self._connections().clear()
+
+    def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+        """POST *body* to *url*; return the status and the ``Retry-After`` header.
+
+        :raises TimeoutError: connecting or waiting for the answer took too long.
+        :raises OSError: the connection failed (refused, reset, TLS); ``RemoteDisconnected``
+            included.
+        :raises http.client.HTTPException: the answer was not HTTP.
+        :raises ValueError: *url* or the proxy it needs cannot be used.
+        """
+        route = self._routes.get(url) or self._routes.setdefault(url, Route.of(url, self._proxies))
+        headers = {**headers, **route.proxy_headers} if route.proxy_headers else headers
+        connection, reused = self._connection(route)
+        try:
+            return self._exchange(connection, route, body, headers)
+        except ConnectionError:
+            connection.close()
+            if not reused:
+                raise
+            # The server closed the kept-alive connection just as it was reused: it did
+            # not take the request, so send it once more on a new connection.
+            connection, _ = self._connection(route)
+            try:
+                return self._exchange(connection, route, body, headers)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            connection.close()
+            raise
+
+    def _connections(self) -> dict[tuple[object, ...], http.client.HTTPConnection]:
+        connections = getattr(self._local, "connections", None)
+        if connections is None:
+            connections = self._local.connections = {}
+        return connections
+
+    def _connection(self, route: Route) -> tuple[http.client.HTTPConnection, bool]:
+        connections = self._connections()
+        connection = connections.get(route.key)
+        if connection is not None and connection.sock is not None:
+            if not _closed_by_peer(connection.sock):
+                return connection, True
+            connection.close()
+        if connection is None:
+            connection = self._new_connection(route)
+            connections[route.key] = connection
+        return connection, False  # http.client connects at the next request
+
+    def _new_connection(self, route: Route) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection
+        if route.https:
+            connection = http.client.HTTPSConnection(
+                route.host, route.port, timeout=self.timeout, context=self._tls
+            )
+        else:
+            connection = http.client.HTTPConnection(route.host, route.port, timeout=self.timeout)
+        if route.tunnel is not None:
+            connection.set_tunnel(*route.tunnel, headers=route.proxy_headers)
+        return connection
+
+    def _exchange(
+        self,
+        connection: http.client.HTTPConnection,
+        route: Route,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> tuple[int, str | None]:
+        connection.request("POST", route.target, body=body, headers=headers)
+        response = connection.getresponse()
+        # Read the answer to the end so that the connection can carry the next hook;
+        # past the limit, drop the connection rather than read on.
+        response.read(MAX_RESPONSE)
+        if not response.isclosed():
+            connection.close()
+        return response.status, response.getheader("Retry-After")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle kept-alive socket that is readable was closed by the server (or holds
+    bytes nobody asked for): either way it cannot carry a request."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
