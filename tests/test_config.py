@@ -351,3 +351,11 @@ def test_integer_settings_are_ints(name: str) -> None:
 @pytest.mark.parametrize("name", ["XO_WEBHOOKS_HOOKS", "XO_WEBHOOKS_TIMEOUT", "XO_WEBHOOKS_SECRET"])
 def test_an_empty_variable_is_unset(name: str) -> None:
     assert load_settings(environ={name: "  "}) == load_settings(environ={})
+
+
+def test_header_values_with_line_breaks_are_rejected() -> None:
+    bad = [
+        {"method": "a", "type": "pre", "url": "http://127.0.0.1/", "headers": {"X": "a\r\nB: c"}}
+    ]
+    with pytest.raises(ConfigError, match=r"hooks\[0\]\.headers\.X: invalid value \(not shown\)"):
+        load_settings(bad, {})

@@ -153,3 +153,13 @@ def test_an_oversized_answer_ends_the_connection(scripted):
     assert post(transport, server.url)[0] == 204
     assert server.connections == 2
     transport.release()
+
+
+def test_a_header_with_a_line_break_is_refused_not_sent(scripted):
+    server = scripted([["ok"]])
+    transport = Transport(timeout=5)
+    with pytest.raises(ValueError, match="line break"):
+        transport.post(server.url, b"{}", {"X-Evil": "a\r\nInjected: yes"})
+    assert post(transport, server.url)[0] == 204
+    assert server.requests == 1
+    transport.release()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any, Optional
 
 from . import formats
@@ -53,7 +54,7 @@ def redact(value: Any, words: Iterable[str]) -> Any:
     """Return *value* with every value under a key whose name contains one of *words*
     replaced by ``"***"``, at any depth. Case, ``-`` and ``_`` are ignored, so
     ``api_key`` also catches ``X-Api-Key`` and ``apiKey``. *value* is not modified."""
-    words = tuple(_normalize(w) for w in words)
+    words = tuple(sorted({_normalize(w) for w in words}))
     if not words:
         return value
     return _redact(value, words)
@@ -63,10 +64,17 @@ def _normalize(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+@lru_cache(maxsize=4096)
+def _is_secret(key: str, words: tuple[str, ...]) -> bool:
+    # Payloads repeat the same few keys: the answer is cached per key and word list.
+    name = _normalize(key)
+    return any(w in name for w in words)
+
+
 def _redact(value: Any, words: tuple[str, ...]) -> Any:
     if isinstance(value, dict):
         return {
-            k: REDACTED if any(w in _normalize(str(k)) for w in words) else _redact(v, words)
+            k: REDACTED if _is_secret(str(k), words) else _redact(v, words)
             for k, v in value.items()
         }
     if isinstance(value, list):

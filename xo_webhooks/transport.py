@@ -38,6 +38,7 @@ class Route:
     :param host: the server connected to: the origin, or the proxy.
     :param target: the request target: the path and query, or the whole URL when an
         http URL goes through a proxy.
+    :param host_header: the ``Host`` header: the origin, its port when not the default.
     :param tunnel: ``(host, port)`` to reach through the proxy with ``CONNECT``.
     :param proxy_headers: ``Proxy-Authorization`` when the proxy URL has credentials.
     """
@@ -47,6 +48,7 @@ class Route:
     host: str
     port: int
     target: str
+    host_header: str
     tunnel: tuple[str, int] | None = None
     proxy_headers: dict[str, str] = field(default_factory=dict)
 
@@ -60,9 +62,12 @@ class Route:
         https = parts.scheme == "https"
         port = parts.port or (443 if https else 80)
         path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        origin = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        host = origin if port == (443 if https else 80) else f"{origin}:{port}"
         proxy = proxies.get(parts.scheme)
         if not proxy or urllib.request.proxy_bypass(parts.hostname):
-            return cls(("direct", https, parts.hostname, port), https, parts.hostname, port, path)
+            key: tuple[object, ...] = ("direct", https, parts.hostname, port)
+            return cls(key, https, parts.hostname, port, path, host)
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         if via.scheme != "http" or not via.hostname:
             raise ValueError(f"only http:// proxies are supported, not {proxy!r}")
@@ -74,8 +79,9 @@ class Route:
         proxy_port = via.port or 80
         key = ("proxy", via.hostname, proxy_port, https, parts.hostname, port)
         if https:  # TLS to the origin, inside a CONNECT tunnel
-            return cls(key, True, via.hostname, proxy_port, path, (parts.hostname, port), headers)
-        return cls(key, False, via.hostname, proxy_port, url, None, headers)
+            tunnel = (parts.hostname, port)
+            return cls(key, True, via.hostname, proxy_port, path, host, tunnel, headers)
+        return cls(key, False, via.hostname, proxy_port, url, host, None, headers)
 
 
 class Transport:
@@ -112,7 +118,8 @@ class Transport:
         :raises ValueError: *url* or the proxy it needs cannot be used.
         """
         route = self._routes.get(url) or self._routes.setdefault(url, Route.of(url, self._proxies))
-        headers = {**headers, **route.proxy_headers} if route.proxy_headers else headers
+        if route.proxy_headers and route.tunnel is None:  # the proxy reads this request
+            headers = {**headers, **route.proxy_headers}
         connection, reused = self._connection(route)
         try:
             return self._exchange(connection, route, body, headers)
@@ -169,12 +176,24 @@ class Transport:
         body: bytes,
         headers: dict[str, str],
     ) -> tuple[int, str | None]:
-        connection.request("POST", route.target, body=body, headers=headers)
-        response = connection.getresponse()
+        # http.client connects (TLS, CONNECT tunnel); the request itself is written in
+        # one send, not http.client's two (head, then body), and read with its parser.
+        lines = [f"POST {route.target} HTTP/1.1", f"Host: {route.host_header}"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"header {name!r} holds a line break")
+            lines.append(f"{name}: {value}")
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        if connection.sock is None:
+            connection.connect()
+        assert connection.sock is not None
+        connection.sock.sendall("\r\n".join(lines).encode("latin-1") + body)
+        response = http.client.HTTPResponse(connection.sock, method="POST")
+        response.begin()
         # Read the answer to the end so that the connection can carry the next hook;
-        # past the limit, drop the connection rather than read on.
+        # past the limit, or when the server says so, drop the connection.
         response.read(MAX_RESPONSE)
-        if not response.isclosed():
+        if response.will_close or not response.isclosed():
             connection.close()
         return response.status, response.getheader("Retry-After")
 
