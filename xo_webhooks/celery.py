@@ -38,7 +38,7 @@ from celery.exceptions import Retry
 from kombu import pools
 from kombu.exceptions import EncodeError
 
-from .config import Hook, Settings, load_settings
+from .config import Settings, load_settings
 from .deadletter import open_dead_letter
 from .delivery import MAX_DELAY, Delivery, Sender, backoff_delay
 from .dispatcher import STAT_NAMES
@@ -136,9 +136,6 @@ class Worker:
         self.settings = settings
         self.sender = Sender(settings)
         self.dead_letter = open_dead_letter(settings.dead_letter) if settings.dead_letter else None
-        self.hooks: dict[str, Hook] = {}
-        for hook in settings.hooks:
-            self.hooks.setdefault(hook.url, hook)
         self._markers: redis.Redis | None = None
 
     @property
@@ -159,19 +156,7 @@ class Worker:
     def delivery(self, message: dict[str, Any]) -> Delivery:
         """The delivery a message stands for, with the secret and headers configured
         here for its URL (else the global secret)."""
-        payload, url = message["payload"], message["url"]
-        configured = self.hooks.get(url)
-        hook = Hook(
-            method=str(payload.get("method", "*")),
-            type=str(payload.get("type", "post")),
-            url=url,
-            format=message.get("format", "json"),
-            secret=configured.secret if configured else self.settings.secret,
-            headers=configured.headers if configured else (),
-        )
-        return Delivery(
-            hook, payload, message["id"], int(message.get("attempts", 0)), message.get("lastError")
-        )
+        return Delivery.from_record(message, self.settings, int(message.get("attempts", 0)))
 
     def run(self, task: Task, message: dict[str, Any]) -> str:
         """Hold, send, then finish or retry one message (the body of the task)."""
@@ -184,10 +169,8 @@ class Worker:
             return "delivered"
         delivery.last_error = attempt.error
         logger.warning(
-            "hook %s %s for call %s to %s failed (attempt %d): %s",
-            delivery.payload.get("method"), delivery.payload.get("type"),
-            delivery.payload.get("callId"), delivery.hook.url, delivery.attempts, attempt.error,
-        )  # fmt: skip
+            "hook %s failed (attempt %d): %s", delivery.describe(), delivery.attempts, attempt.error
+        )
         if attempt.retryable and delivery.attempts <= self.settings.retries:
             delay = backoff_delay(delivery.attempts, self.settings.backoff, attempt.retry_after)
             again = {**message, "attempts": delivery.attempts, "lastError": delivery.last_error}
@@ -215,9 +198,8 @@ class Worker:
         until = float(message.get("holdUntil") or now + self.hold_limit)
         if now >= until:
             logger.warning(
-                "post hook for call %s to %s sent although its pre hook is not done",
-                delivery.payload.get("callId"), delivery.hook.url,
-            )  # fmt: skip
+                "hook %s sent although its pre hook is not done", delivery.describe()
+            )
             return
         holds = int(message.get("holds", 0))
         again = {**message, "holdUntil": until, "holds": holds + 1}
@@ -246,11 +228,7 @@ class Worker:
                 raise LookupError("XO_WEBHOOKS_DEAD_LETTER is not set")
             self.dead_letter.append([delivery.to_record()])
         except Exception as e:
-            logger.error(
-                "lost hook %s %s for call %s to %s (%s): %s",
-                delivery.payload.get("method"), delivery.payload.get("type"),
-                delivery.payload.get("callId"), delivery.hook.url, delivery.last_error, e,
-            )  # fmt: skip
+            logger.error("lost hook %s (%s): %s", delivery.describe(), delivery.last_error, e)
         self._done(delivery)
 
 
@@ -439,9 +417,8 @@ class CeleryDispatcher:
                 self._last_lost_log, log = now, True
         if log:
             logger.error(
-                "gave up on hook %s %s for call %s to %s: %s; %s; see stats() for the count",
-                delivery.payload.get("method"), delivery.payload.get("type"),
-                delivery.payload.get("callId"), delivery.hook.url, delivery.last_error, kept,
+                "gave up on hook %s: %s; %s; see stats() for the count",
+                delivery.describe(), delivery.last_error, kept,
             )  # fmt: skip
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
-__all__ = ["DeadLetterStore", "DeadLetterFile", "open_dead_letter", "read_records"]
+__all__ = ["DeadLetterStore", "DeadLetterFile", "open_dead_letter", "read_records", "parse_record"]
 
 logger = logging.getLogger("xo_webhooks.deadletter")
 
@@ -85,20 +85,20 @@ class DeadLetterFile:
 
 def read_records(path: str) -> list[dict[str, Any]]:
     """Read the records of a dead-letter file, skipping (and logging) damaged lines."""
-    records = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                logger.warning("%s:%d: skipped a damaged dead-letter line", path, number)
-                continue
-            if isinstance(record, dict) and "url" in record and "payload" in record:
-                records.append(record)
-            else:
-                logger.warning(
-                    "%s:%d: skipped a line that is not a dead-letter record", path, number
-                )
-    return records
+        found = (parse_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip())
+        return [record for record in found if record is not None]
+
+
+def parse_record(text: str | bytes, where: str) -> dict[str, Any] | None:
+    """The dead-letter record in *text*, or ``None`` (logged, naming *where*) when it is
+    damaged or not a record."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        logger.warning("%s: skipped a damaged dead-letter record", where)
+        return None
+    if isinstance(record, dict) and "url" in record and "payload" in record:
+        return record
+    logger.warning("%s: skipped a value that is not a dead-letter record", where)
+    return None

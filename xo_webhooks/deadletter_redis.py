@@ -27,6 +27,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
+from .deadletter import parse_record
+
 __all__ = ["RedisDeadLetter", "DEFAULT_KEY"]
 
 logger = logging.getLogger("xo_webhooks.deadletter")
@@ -114,15 +116,5 @@ def _split_key(url: str) -> tuple[str, str]:
 
 
 def _parse(values: list[Any], where: str) -> list[dict[str, Any]]:
-    records = []
-    for number, value in enumerate(values, 1):
-        try:
-            record = json.loads(value)
-        except ValueError:
-            logger.warning("%s[%d]: skipped a damaged dead-letter record", where, number)
-            continue
-        if isinstance(record, dict) and "url" in record and "payload" in record:
-            records.append(record)
-        else:
-            logger.warning("%s[%d]: skipped a value that is no dead-letter record", where, number)
-    return records
+    found = (parse_record(value, f"{where}[{n}]") for n, value in enumerate(values, 1))
+    return [record for record in found if record is not None]

@@ -114,6 +114,28 @@ class Delivery:
             self.body = serialize(self.payload, self.hook.format)
         return self.body
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any], settings: Settings, attempts: int = 0) -> Delivery:
+        """The delivery a dead-letter record (or a Celery message: the same shape) stands
+        for, keeping its id. It is signed, and gets the headers, of the configured hook
+        with its URL (else the global secret): records never hold either."""
+        payload = record["payload"]
+        configured = next((h for h in settings.hooks if h.url == record["url"]), None)
+        hook = Hook(
+            method=str(payload.get("method", "*")),
+            type=str(payload.get("type", "post")),
+            url=record["url"],
+            format=record.get("format", "json"),
+            secret=configured.secret if configured else settings.secret,
+            headers=configured.headers if configured else (),
+        )
+        return cls(hook, payload, record.get("id") or None, attempts, record.get("lastError"))
+
+    def describe(self) -> str:
+        """``vm.start post for call <id> to <url>``: for logs (never params or results)."""
+        method = self._payload.get("method") if self._payload else self.hook.method
+        return f"{method} {self.kind} for call {self.call_id} to {self.hook.url}"
+
     def to_record(self) -> dict[str, Any]:
         """The dead-letter record of this delivery (no secret, no header values)."""
         return {

@@ -238,10 +238,8 @@ class ThreadDispatcher:
             return
         delivery.last_error = attempt.error
         logger.warning(
-            "hook %s %s for call %s to %s failed (attempt %d): %s",
-            delivery.payload.get("method"), delivery.payload.get("type"),
-            delivery.payload.get("callId"), delivery.hook.url, delivery.attempts, attempt.error,
-        )  # fmt: skip
+            "hook %s failed (attempt %d): %s", delivery.describe(), delivery.attempts, attempt.error
+        )
         with self._cond:
             if (
                 attempt.retryable
@@ -309,10 +307,9 @@ class ThreadDispatcher:
         self._last_lost_log = now
         first = deliveries[0]
         logger.error(
-            "lost %d hook(s) (set XO_WEBHOOKS_DEAD_LETTER to keep them), e.g. %s %s for call %s "
-            "to %s: %s; see stats() for the count",
-            len(deliveries), first.payload.get("method"), first.payload.get("type"),
-            first.payload.get("callId"), first.hook.url, first.last_error,
+            "lost %d hook(s) (set XO_WEBHOOKS_DEAD_LETTER to keep them), e.g. %s: %s; "
+            "see stats() for the count",
+            len(deliveries), first.describe(), first.last_error,
         )  # fmt: skip
 
     def __repr__(self) -> str:

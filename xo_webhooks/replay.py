@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Hook, Settings
+from .config import Settings
 from .deadletter import open_dead_letter
 from .delivery import Delivery
 from .dispatcher import ThreadDispatcher
@@ -40,25 +40,8 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     )
     with store.taken() as records:
         for record in records:
-            dispatcher.submit(_delivery(record, settings))
+            dispatcher.submit(Delivery.from_record(record, settings))
         dispatcher.flush()
         dispatcher.close(0)
         store.append(failed)
     return ReplayReport(read=len(records), delivered=len(records) - len(failed), failed=len(failed))
-
-
-def _delivery(record: dict[str, Any], settings: Settings) -> Delivery:
-    payload = record["payload"]
-    configured = next((h for h in settings.hooks if h.url == record["url"]), None)
-    hook = Hook(
-        method=str(payload.get("method", "*")),
-        type=str(payload.get("type", "post")),
-        url=record["url"],
-        format=record.get("format", "json"),
-        secret=configured.secret if configured else settings.secret,
-        headers=configured.headers if configured else (),
-    )
-    delivery = Delivery(hook, payload)
-    if record.get("id"):  # the same webhook-id lets receivers drop what they already had
-        delivery.id = record["id"]
-    return delivery
