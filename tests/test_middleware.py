@@ -151,3 +151,25 @@ def test_configuration_errors_are_raised_at_construction():
             plain_app,
             environ={"XO_WEBHOOKS_HOOKS": '[{"method": "a", "type": "pré", "url": "http://h/"}]'},
         )
+
+
+def test_hooks_still_queued_are_flushed_at_interpreter_exit(webhook_receiver, tmp_path):
+    import subprocess
+    import sys
+
+    webhook_receiver.respond_with(204, delay=0.2)  # still pending when the script ends
+    script = tmp_path / "exit_early.py"
+    script.write_text(
+        "import sys\n"
+        "from xo_webhooks import WebhookMiddleware\n"
+        f"url = {webhook_receiver.url!r}\n"
+        "hooks = [{'method': 'backup.run', 'type': 'pre/post', 'url': url}]\n"
+        "middleware = WebhookMiddleware(lambda e, s: [], hooks=hooks, environ={})\n"
+        "with middleware.call('backup.run') as call:\n"
+        "    call.result = 'done'\n"
+        "assert middleware.stats()['pending'] == 2\n"
+        "sys.exit(0)  # no close(): the atexit handler flushes\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], timeout=60)
+    assert done.returncode == 0
+    assert sorted(h.payload["type"] for h in webhook_receiver.received) == ["post", "pre"]

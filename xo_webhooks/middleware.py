@@ -173,7 +173,7 @@ class WebhookMiddleware:
         record = CallResult()
         # Copies: the payloads are serialised later, on another thread.
         entry = Call(method, {} if params is None else copy.deepcopy(params))
-        tracked = self._start([entry], user or NO_USER)
+        tracked = self._start(self._matched([entry]), user or NO_USER)
         try:
             yield record
         except Exception as e:
@@ -189,15 +189,19 @@ class WebhookMiddleware:
         body = read_body(environ, self.settings.max_body)
         if not body or not self._may_match(body):
             return []
-        calls = parse_calls(body)
-        if not calls or not any(self.table.match(c.method) for c in calls):
+        matched = self._matched(parse_calls(body) or [])
+        if not matched:
             return []
         try:
             user = self.user_resolver(environ) or NO_USER
         except Exception:
             logger.exception("the xo-webhooks user_resolver failed; sending no user")
             user = NO_USER
-        return self._start(calls, user)
+        return self._start(matched, user)
+
+    def _matched(self, calls: list[Call]) -> list[tuple[Call, tuple[Hook, ...]]]:
+        """The calls that trigger hooks, each with its hooks."""
+        return [(call, hooks) for call in calls if (hooks := self.table.match(call.method))]
 
     def _may_match(self, body: bytes) -> bool:
         """Whether *body* can hold a call that triggers a hook, told without parsing it.
@@ -215,14 +219,14 @@ class WebhookMiddleware:
         except UnicodeDecodeError:
             return True  # let the JSON parser judge
 
-    def _start(self, calls: list[Call], user: User) -> list[_TrackedCall]:
+    def _start(
+        self, matched: list[tuple[Call, tuple[Hook, ...]]], user: User
+    ) -> list[_TrackedCall]:
         """Track the calls that trigger hooks and send their pre hooks."""
         start_ms, start = int(time.time() * 1000), time.monotonic()
-        tracked = []
-        for call in calls:
-            hooks = self.table.match(call.method)
-            if hooks:
-                tracked.append(_TrackedCall(call, hooks, new_id(), user, start_ms, start))
+        tracked = [
+            _TrackedCall(call, hooks, new_id(), user, start_ms, start) for call, hooks in matched
+        ]
         waiting = []
         for entry in tracked:
             pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
