@@ -80,7 +80,7 @@ def _office365(payload: dict[str, Any]) -> dict[str, Any]:
         "summary": _summary(payload),
         "themeColor": color,
         "sections": [
-            {"activityTitle": f"XO {str(payload.get('type', '')).upper()} notification"},
+            {"title": f"XO {str(payload.get('type', '')).upper()} notification"},
             {"facts": facts},
         ],
     }
