@@ -173,3 +173,24 @@ def test_hooks_still_queued_are_flushed_at_interpreter_exit(webhook_receiver, tm
     done = subprocess.run([sys.executable, str(script)], timeout=60)
     assert done.returncode == 0
     assert sorted(h.payload["type"] for h in webhook_receiver.received) == ["post", "pre"]
+
+
+@pytest.mark.parametrize(
+    "path, inspected",
+    [
+        pytest.param("/api", True, id="listed"),
+        pytest.param("/api/v2/rpc", True, id="below-a-listed-prefix"),
+        pytest.param("/admin/rpc", False, id="elsewhere"),
+    ],
+)
+def test_only_the_configured_paths_are_inspected(path, inspected):
+    dispatcher = RecordingDispatcher()
+    hooks = [{"method": "vm.start", "type": "pre", "url": "http://127.0.0.1:9/"}]
+    environ = {"XO_WEBHOOKS_PATHS": "/api, /rpc"}
+    middleware = WebhookMiddleware(plain_app, hooks=hooks, dispatcher=dispatcher, environ=environ)
+    assert middleware.settings.paths == ("/api", "/rpc")
+    request = EnvironBuilder(method="POST", path=path, json=CALL).get_environ()
+    original_input = request["wsgi.input"]
+    assert b"".join(middleware(request, lambda *a: None)) == RESULT
+    assert bool(dispatcher.deliveries) is inspected
+    assert (request["wsgi.input"] is original_input) is not inspected  # body untouched

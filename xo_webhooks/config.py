@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout": 10.0,
     "maxWorkers": 4,
     "maxBody": 1024 * 1024,
+    "paths": [],
     "retries": 5,
     "backoff": 1.0,
     "queueSize": 10000,
@@ -109,6 +110,7 @@ class Settings:
     timeout: float = DEFAULTS["timeout"]
     max_workers: int = DEFAULTS["maxWorkers"]
     max_body: int = DEFAULTS["maxBody"]
+    paths: tuple[str, ...] = ()
     retries: int = DEFAULTS["retries"]
     backoff: float = DEFAULTS["backoff"]
     queue_size: int = DEFAULTS["queueSize"]

@@ -118,6 +118,7 @@ class WebhookMiddleware:
         )
         self.table = HookTable(self.settings.hooks)
         self._enabled = bool(self.table)
+        self._paths = self.settings.paths or ("",)  # "" starts every path
         self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
         self.user_resolver = user_resolver or remote_user
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
@@ -128,6 +129,7 @@ class WebhookMiddleware:
             not self._enabled
             or environ.get("REQUEST_METHOD") != "POST"
             or not _may_be_json(environ.get("CONTENT_TYPE", ""))
+            or not environ.get("PATH_INFO", "").startswith(self._paths)
         ):
             return self.app(environ, start_response)
         try:
