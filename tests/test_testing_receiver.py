@@ -360,7 +360,10 @@ def test_many_concurrent_connections(receiver: WebhookReceiver) -> None:
 
 
 @pytest.mark.slow
-def test_throughput_over_2000_requests_per_second(receiver: WebhookReceiver) -> None:
+def test_4000_requests_on_8_kept_alive_connections_are_all_recorded(
+    receiver: WebhookReceiver,
+) -> None:
+    # How fast it goes is the benchmark's business (bench/); here: nothing is dropped.
     per_connection, connections = 500, 8
     body = b'{"type":"pre","callId":"c","userId":null,"userName":null,"method":"m","params":{},"timestamp":0}'  # noqa: E501
     request = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -376,12 +379,10 @@ def test_throughput_over_2000_requests_per_second(receiver: WebhookReceiver) -> 
                     pass
 
     threads = [threading.Thread(target=client) for _ in range(connections)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    rate = per_connection * connections / (time.perf_counter() - start)
 
     assert len(receiver.wait_for(per_connection * connections)) == per_connection * connections
-    assert rate > 2000, f"{rate:.0f} requests/s"
+    assert receiver.connections == connections
