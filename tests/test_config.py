@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 
 from xo_webhooks.config import DEFAULT_REDACT, Hook, Settings, load_settings
@@ -74,14 +75,14 @@ def test_file_with_camel_case_keys(tmp_path: Path) -> None:
         "queueSize": 50,
         "shutdownTimeout": 0,
         "deadLetter": "/var/lib/dead.jsonl",
-        "caBundle": "/etc/ssl/ca.pem",
+        "caBundle": certifi.where(),  # it must exist: it is loaded at start
         "redact": ["pin"],
     }
     path = write_config(tmp_path, document)
     assert load_settings(environ={"XO_WEBHOOKS_CONFIG": path}) == Settings(
         hooks=(Hook("vm.start", "pre/post", URL),), timeout=2.5, max_workers=8, max_body=4096,
         queue_size=50, shutdown_timeout=0, dead_letter="/var/lib/dead.jsonl",
-        ca_bundle="/etc/ssl/ca.pem", redact=("pin",),
+        ca_bundle=certifi.where(), redact=("pin",),
     )  # fmt: skip
 
 
@@ -359,3 +360,41 @@ def test_header_values_with_line_breaks_are_rejected() -> None:
     ]
     with pytest.raises(ConfigError, match=r"hooks\[0\]\.headers\.X: invalid value \(not shown\)"):
         load_settings(bad, {})
+
+
+def _hook(**extra: object) -> list[dict[str, object]]:
+    return [{"method": "a", "type": "pre", "url": "http://127.0.0.1/", **extra}]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param({"headers": {"Content-Length": "5"}}, r"headers\.Content-Length: set by",
+                     id="content-length"),
+        pytest.param({"headers": {"host": "x"}}, r"headers\.host: set by", id="host"),
+        pytest.param({"headers": {"Webhook-Signature": "v1,x"}}, r"headers\.Webhook-Signature: set",
+                     id="signature"),
+        pytest.param({"headers": {"X": "ok\n"}}, r"headers\.X: invalid value \(not shown\)",
+                     id="trailing-newline"),
+        pytest.param({"headers": {"X": "Bearer ő"}}, r"headers\.X: invalid value \(not shown\): an",
+                     id="not-latin-1"),
+        pytest.param({"url": "http://127.0.0.1:99999/"}, r"hooks\[0\]\.url: Port", id="port"),
+        pytest.param({"url": "http://[::1/x"}, r"hooks\[0\]\.url: ", id="broken-ipv6"),
+    ],
+)  # fmt: skip
+def test_hooks_that_would_fail_at_request_time_fail_at_start(extra, message) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_settings(_hook(**extra), {})
+    assert "ő" not in str(raised.value)
+
+
+def test_a_url_password_is_never_echoed() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_hook(url="ftp://user:SEKRIT@127.0.0.1/"), {})
+    assert "SEKRIT" not in str(raised.value) and "user:***@" in str(raised.value)
+
+
+def test_an_unreadable_ca_bundle_fails_at_start(tmp_path) -> None:
+    environ = {"XO_WEBHOOKS_CA_BUNDLE": str(tmp_path / "missing.pem")}
+    with pytest.raises(ConfigError, match=r"^XO_WEBHOOKS_CA_BUNDLE: cannot load the CA bundle"):
+        load_settings(_hook(), environ)

@@ -90,6 +90,7 @@ def test_refused_connections_are_retryable(refused_url):
         pytest.param("3", 3.0, id="seconds"),
         pytest.param("86400", 60.0, id="capped"),
         pytest.param("soon", None, id="garbage"),
+        pytest.param("\u00b2", None, id="superscript-two"),
         pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", 0.0, id="date-in-the-past"),
     ],
 )

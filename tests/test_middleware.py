@@ -3,13 +3,16 @@ API calls, user resolution, and failures of its own that must never reach the cl
 
 from __future__ import annotations
 
+import io
+from wsgiref.util import FileWrapper
+
 import pytest
 from werkzeug.test import EnvironBuilder
 
 from xo_webhooks import ConfigError, WebhookMiddleware
 from xo_webhooks.schema import validate_payload
 
-from .test_wsgi import CALL, RESULT, RecordingDispatcher, plain_app
+from .test_wsgi import CALL, HOOKS, RESULT, RecordingDispatcher, late_start_app, plain_app
 
 
 def test_call_sends_pre_and_post_with_the_result(webhook_receiver, wrap):
@@ -93,16 +96,51 @@ class PostFailingDispatcher(RecordingDispatcher):
         super().submit(delivery)
 
 
-def test_failures_after_the_response_never_reach_the_client(caplog):
+class AppError(Exception):
+    pass
+
+
+def raising_app(environ, start_response):
+    raise AppError("the app's own failure")
+
+
+def file_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return environ["wsgi.file_wrapper"](io.BytesIO(RESULT))
+
+
+@pytest.mark.parametrize(
+    "app",
+    [
+        pytest.param(plain_app, id="list"),
+        pytest.param(late_start_app, id="streamed"),
+        pytest.param(file_app, id="file-wrapper"),
+        pytest.param(raising_app, id="app-raises"),
+    ],
+)
+def test_failures_after_the_response_never_reach_the_client(app, caplog):
     hooks = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
-    middleware = WebhookMiddleware(
-        plain_app, hooks=hooks, dispatcher=PostFailingDispatcher(), environ={}
-    )
+    middleware = WebhookMiddleware(app, hooks=hooks, dispatcher=PostFailingDispatcher(), environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    environ["wsgi.file_wrapper"] = FileWrapper
+    if app is raising_app:
+        with pytest.raises(AppError):  # the app's exception, not the dispatcher's
+            middleware(environ, lambda *a: None)
+    else:
+        response = middleware(environ, lambda *a: None)
+        assert b"".join(response) == RESULT
+        getattr(response, "close", lambda: None)()
+    assert "could not send the post hooks" in caplog.text
+
+
+def test_a_list_response_is_handed_on_as_it_is():
+    # A server sets Content-Length itself only for a one-item list: keep it one.
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(plain_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
     environ = EnvironBuilder(method="POST", json=CALL).get_environ()
     response = middleware(environ, lambda *a: None)
-    assert b"".join(response) == RESULT
-    response.close()
-    assert "could not send the post hooks" in caplog.text
+    assert response == [RESULT]
+    assert dispatcher.payloads("post")[0]["result"] == "ok"
 
 
 def test_a_failing_user_resolver_sends_no_user(caplog):
@@ -194,3 +232,15 @@ def test_only_the_configured_paths_are_inspected(path, inspected):
     assert b"".join(middleware(request, lambda *a: None)) == RESULT
     assert bool(dispatcher.deliveries) is inspected
     assert (request["wsgi.input"] is original_input) is not inspected  # body untouched
+
+
+def test_call_with_a_result_that_cannot_be_copied(webhook_receiver, wrap, caplog):
+    import threading
+
+    hooks = [{"method": "backup.run", "type": "post", "url": webhook_receiver.url}]
+    middleware = wrap(plain_app, hooks=hooks)
+    with middleware.call("backup.run") as call:  # the block succeeded: no exception
+        call.result = {"lock": threading.Lock()}
+    (post,) = webhook_receiver.wait_for(1)
+    assert post.payload["error"]["message"] == "the result could not be copied for the hook"
+    assert "could not be copied" in caplog.text

@@ -4,8 +4,10 @@ closes, against raw sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
+import time
 
 import pytest
 
@@ -54,8 +56,9 @@ def test_unusable_urls(url):
 class ScriptedServer:
     """Answers each request on a raw socket as scripted per connection: a list of
     actions per accepted connection, each "ok" (204, kept alive), "big" (a 200 with a
-    body over MAX_RESPONSE), "drop" (read the request, close without answering) or
-    "close-after" (204, then close the idle connection)."""
+    body over MAX_RESPONSE), "drop" (read the request, close without answering),
+    "drip" (answer a byte at a time) or "close-after" (204, then close the idle
+    connection)."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -80,6 +83,12 @@ class ScriptedServer:
                     reader.read(length)
                     self.requests += 1
                     if action == "drop":
+                        break
+                    if action == "drip":  # a byte every 0.1 s: 2.8 s for the answer
+                        with contextlib.suppress(OSError):
+                            for byte in b"HTTP/1.1 204 No Content\r\n\r\n":
+                                conn.sendall(bytes([byte]))
+                                time.sleep(0.1)
                         break
                     if action == "big":
                         body = b"x" * (MAX_RESPONSE + 10)
@@ -125,7 +134,11 @@ def test_idle_connection_closed_by_the_server_is_replaced(scripted):
     transport = Transport(timeout=5)
     assert post(transport, server.url)[0] == 204
     assert server.closed.acquire(timeout=5)  # the server closed the idle connection
+    exchanges = []
+    original = transport._exchange
+    transport._exchange = lambda *a: exchanges.append(a) or original(*a)
     assert post(transport, server.url)[0] == 204
+    assert len(exchanges) == 1  # seen closed before use: no request was lost on it
     assert server.connections == 2
     transport.release()
 
@@ -144,6 +157,7 @@ def test_dropped_on_a_new_connection_is_an_error(scripted):
     transport = Transport(timeout=5)
     with pytest.raises(ConnectionError):
         post(transport, server.url)
+    transport.release()
 
 
 def test_an_oversized_answer_ends_the_connection(scripted):
@@ -163,3 +177,12 @@ def test_a_header_with_a_line_break_is_refused_not_sent(scripted):
     assert post(transport, server.url)[0] == 204
     assert server.requests == 1
     transport.release()
+
+
+def test_the_timeout_bounds_the_whole_attempt_not_each_read(scripted):
+    server = scripted([["drip"]])
+    transport = Transport(timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        post(transport, server.url)
+    assert time.monotonic() - started < 2  # each byte came within 0.5 s; the answer did not

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from jsonschema import ValidationError
 
 from .errors import ConfigError
 from .schema import load_schema, validator
+from .transport import Route, mask_url
 
 __all__ = ["Hook", "Settings", "load_settings", "ENV_PREFIX", "DEFAULT_REDACT"]
 
@@ -227,6 +229,14 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
         value = document.get(key)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{sources[key]}: must be a finite number, not {value}")
+    _check_hooks(document.get("hooks", []), sources.get("hooks", "hooks"))
+    if document.get("caBundle"):
+        try:
+            ssl.create_default_context(cafile=document["caBundle"])
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or e
+            where = sources["caBundle"]
+            raise ConfigError(f"{where}: cannot load the CA bundle: {reason}") from None
     secrets = [("secret", document.get("secret"))]
     secrets += [
         (f"{sources['hooks']}[{i}].secret", hook.get("secret"))
@@ -240,6 +250,35 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
         except binascii.Error:
             where = sources.get(where, where)
             raise ConfigError(f"{where}: must be whsec_ followed by valid base64") from None
+
+
+# Headers xo-webhooks writes itself: configured twice, they would make a request that
+# servers and proxies may read differently (request smuggling), or forge a signature.
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection",
+    "webhook-id", "webhook-timestamp", "webhook-signature",
+})  # fmt: skip
+
+
+def _check_hooks(hooks: list[dict[str, Any]], source: str) -> None:
+    """What the schema cannot say: the URL as the transport will read it, and headers
+    that HTTP can carry."""
+    for i, hook in enumerate(hooks):
+        where = f"{source}[{i}]"
+        try:
+            Route.of(hook["url"], {})
+        except ValueError as e:
+            raise ConfigError(f"{where}.url: {mask_url(str(e))}") from None
+        for name, value in hook.get("headers", {}).items():
+            if name.lower() in RESERVED_HEADERS:
+                raise ConfigError(f"{where}.headers.{name}: set by xo-webhooks itself")
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ConfigError(
+                    f"{where}.headers.{name}: invalid value (not shown): "
+                    "an HTTP header holds Latin-1 characters only"
+                ) from None
 
 
 def _error_order(error: ValidationError) -> list[tuple[int, Any]]:
@@ -259,7 +298,7 @@ def _describe(error: ValidationError, sources: dict[str, str]) -> str:
         where += f"[{part}]" if isinstance(part, int) else f".{part}"
     if SENSITIVE & {str(p) for p in path}:  # never echo a secret, even a malformed one
         return f"{where}: invalid value (not shown): {_reason(error)}"
-    return f"{where}: {_message(error)}"
+    return f"{where}: {mask_url(_message(error))}"
 
 
 SENSITIVE = {"secret", "headers", "brokerUrl"}

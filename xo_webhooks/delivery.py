@@ -10,8 +10,10 @@ from __future__ import annotations
 import email.utils
 import http.client
 import itertools
+import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from .payload import redact_payload, serialize
 from .transport import Transport
 
 __all__ = ["Delivery", "Attempt", "Sender", "backoff_delay", "new_id", "USER_AGENT"]
+
+logger = logging.getLogger("xo_webhooks")
 
 USER_AGENT = f"xo-webhooks/{__version__}"
 MAX_DELAY = 60.0  # seconds: cap of the backoff and of a receiver's Retry-After
@@ -203,6 +207,13 @@ class Sender:
 
     def send(self, delivery: Delivery) -> Attempt:
         """Make one attempt; never raises."""
+        try:
+            return self._send(delivery)
+        except Exception as e:  # a bug must not kill the delivery thread
+            logger.exception("unexpected error delivering hook %s", delivery.describe())
+            return Attempt(False, f"unexpected error: {_reason(e)}")
+
+    def _send(self, delivery: Delivery) -> Attempt:
         delivery.attempts += 1
         try:
             body = delivery.prepare(self.settings.redact)
@@ -238,7 +249,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value):  # not isdigit(): "²" is a digit to it
         return min(float(value), MAX_DELAY)
     try:
         when = email.utils.parsedate_to_datetime(value)

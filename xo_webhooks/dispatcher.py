@@ -22,7 +22,7 @@ from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
 from .config import Settings
-from .deadletter import open_dead_letter
+from .deadletter import DeadLetterStore, open_dead_letter
 from .delivery import Attempt, Delivery, Sender, backoff_delay
 from .recorder import Recorder
 
@@ -63,6 +63,7 @@ def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
     if dispatcher is not None:
         dispatcher._reset()
         dispatcher.sender.reset()
+        dispatcher._dead_letter = dispatcher._open_dead_letter()  # its lock may be held
 
 
 class ThreadDispatcher:
@@ -84,12 +85,16 @@ class ThreadDispatcher:
         self.settings = settings
         self.sender = sender or Sender(settings)
         self._on_give_up = on_give_up
-        self._dead_letter = open_dead_letter(settings.dead_letter) if settings.dead_letter else None
+        self._dead_letter = self._open_dead_letter()
         self._last_lost_log = 0.0
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
         # the parent process will deliver itself.
         os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
+
+    def _open_dead_letter(self) -> DeadLetterStore | None:
+        target = self.settings.dead_letter
+        return open_dead_letter(target) if target else None
 
     def _reset(self) -> None:
         lock = threading.Lock()
@@ -113,6 +118,7 @@ class ThreadDispatcher:
     def submit(self, delivery: Delivery) -> None:
         """Queue *delivery*; never blocks (beyond a short lock), never raises."""
         with self._cond:
+            self._start_workers()
             self._counters["accepted"] += 1
             if self._closed or self._pending() >= self.settings.queue_size:
                 self._in_flight += 1
@@ -120,7 +126,6 @@ class ThreadDispatcher:
                 rejected = True
             else:
                 rejected = False
-                self._start_workers()
                 key = delivery.order_key
                 if delivery.is_pre:
                     self._open_pres[key] += 1
@@ -144,7 +149,7 @@ class ThreadDispatcher:
             if delivery.is_pre:
                 self._open_pres[delivery.order_key] += 1
         try:
-            attempt = self.sender.send(delivery)
+            attempt = self._attempt(delivery)
         finally:
             self.sender.release()  # a server thread: it may not live to send another
         self._settle(delivery, attempt)
@@ -194,11 +199,15 @@ class ThreadDispatcher:
         return len(self._ready) + len(self._delayed) + self._held_count + self._in_flight
 
     def _start_workers(self) -> None:
-        if self._threads:
+        if self._threads or self._closed:
             return
         for n in range(self.settings.max_workers):
             thread = threading.Thread(target=self._work, name=f"xo-webhooks-{n}", daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # e.g. a process limit: hooks wait, the next submit retries
+                logger.exception("could not start a delivery thread")
+                break
             self._threads.append(thread)
         atexit.register(self.close)
 
@@ -209,9 +218,16 @@ class ThreadDispatcher:
                     delivery = self._next_delivery()
                     if delivery is None:
                         return
-                self._settle(delivery, self.sender.send(delivery))
+                self._settle(delivery, self._attempt(delivery))
         finally:
             self.sender.release()
+
+    def _attempt(self, delivery: Delivery) -> Attempt:
+        try:
+            return self.sender.send(delivery)
+        except Exception as e:  # a sender of the caller's: its bug must not stop delivery
+            logger.exception("the sender failed on hook %s", delivery.describe())
+            return Attempt(False, f"unexpected error: {type(e).__name__}")
 
     def _next_delivery(self) -> Delivery | None:
         """Wait for a delivery that is due; ``None`` once stopping. Holds the lock."""

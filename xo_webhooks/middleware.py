@@ -24,7 +24,7 @@ from .dispatcher import Dispatcher, ThreadDispatcher
 from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
 from .matching import HookTable
 from .payload import User, post_payload, pre_payload
-from .wsgi import Capture, ObservedResponse, read_body
+from .wsgi import Capture, ObservedResponse, describe_exception, read_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -174,16 +174,21 @@ class WebhookMiddleware:
         """
         record = CallResult()
         # Copies: the payloads are serialised later, on another thread.
-        entry = Call(method, {} if params is None else copy.deepcopy(params))
+        entry = Call(method, _copy({} if params is None else params, "params", {}))
         tracked = self._start(self._matched([entry]), user or NO_USER)
         try:
             yield record
         except Exception as e:
-            failure = internal_error(_describe(e))
+            failure = internal_error(describe_exception(e))
             self._finish(tracked, lambda _: failure, {})
             raise
-        success = Outcome(result=copy.deepcopy(record.result))
-        self._finish(tracked, lambda _: success, {})
+        result = _copy(record.result, "result", _UNCOPIED)
+        outcome = (
+            internal_error("the result could not be copied for the hook")
+            if result is _UNCOPIED
+            else Outcome(result=result)
+        )
+        self._finish(tracked, lambda _: outcome, {})
 
     # -- the request path ---------------------------------------------------------------
 
@@ -250,7 +255,7 @@ class WebhookMiddleware:
         try:
             app_iter = self.app(environ, capture.start_response(start_response))
         except Exception as e:
-            capture.exception = e
+            capture.fail(e)
             self._finish_request(tracked, capture, environ)
             raise
         file_wrapper = environ.get("wsgi.file_wrapper")
@@ -259,11 +264,28 @@ class WebhookMiddleware:
             capture.overflow = True
             self._finish_request(tracked, capture, environ)
             return app_iter
+        if isinstance(app_iter, (list, tuple)) and capture.status is not None:
+            # Already in memory: observed at once, and handed on as it is, so that the
+            # server still sees a one-item list and can set Content-Length.
+            for chunk in app_iter:
+                capture.add(chunk)
+            self._finish_request(tracked, capture, environ)
+            return app_iter
         return ObservedResponse(
             app_iter, capture, lambda: self._finish_request(tracked, capture, environ)
         )
 
     def _finish_request(
+        self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
+    ) -> None:
+        """Queue the post hooks; never raises (the app's answer, or its exception, must
+        reach the server unchanged)."""
+        try:
+            self._queue_posts(tracked, capture, environ)
+        except Exception:
+            logger.exception("xo-webhooks could not send the post hooks of a call")
+
+    def _queue_posts(
         self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
     ) -> None:
         # The response is parsed, and the post payloads built, by a delivery thread.
@@ -300,8 +322,8 @@ class CallResult:
 def _outcomes(tracked: list[_TrackedCall], capture: Capture) -> dict[str, Outcome]:
     """The outcome of each tracked call, by call id, from what the app answered."""
     failure = None
-    if capture.exception is not None:
-        failure = internal_error(_describe(capture.exception))
+    if capture.error is not None:
+        failure = internal_error(capture.error)
     elif not 200 <= capture.status_code < 300:
         failure = internal_error(f"the application answered HTTP {capture.status or '(none)'}")
     if failure is not None:
@@ -325,8 +347,16 @@ def _outcomes(tracked: list[_TrackedCall], capture: Capture) -> dict[str, Outcom
     return outcomes
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]
+_UNCOPIED: Any = object()
+
+
+def _copy(value: Any, what: str, fallback: Any) -> Any:
+    """A deep copy of *value*, or *fallback* (logged) when it cannot be copied."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        logger.exception("middleware.call(): the %s could not be copied for the hooks", what)
+        return fallback
 
 
 def _as_user(value: Any) -> User | None:

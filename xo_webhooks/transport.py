@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
+import re
 import select
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 import certifi
 
-__all__ = ["Transport", "Route", "MAX_RESPONSE"]
+__all__ = ["Transport", "Route", "MAX_RESPONSE", "mask_url"]
 
 MAX_RESPONSE = 64 * 1024  # bytes of a receiver's answer read; a longer one ends the connection
 
@@ -70,7 +74,7 @@ class Route:
             return cls(key, https, parts.hostname, port, path, host)
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         if via.scheme != "http" or not via.hostname:
-            raise ValueError(f"only http:// proxies are supported, not {proxy!r}")
+            raise ValueError(f"only http:// proxies are supported, not {mask_url(proxy)!r}")
         headers = {}
         if via.username:
             user, password = via.username, via.password or ""
@@ -87,7 +91,8 @@ class Route:
 class Transport:
     """POSTs bodies; each thread keeps its own connections, so they need no lock.
 
-    :param timeout: seconds to connect, and to wait for each read.
+    :param timeout: seconds one attempt may take, connecting, sending and reading the
+        answer together (name resolution aside: the system resolver has no timeout).
     :param ca_bundle: a CA bundle file for https receivers (certifi's by default).
     """
 
@@ -120,9 +125,10 @@ class Transport:
         route = self._routes.get(url) or self._routes.setdefault(url, Route.of(url, self._proxies))
         if route.proxy_headers and route.tunnel is None:  # the proxy reads this request
             headers = {**headers, **route.proxy_headers}
+        deadline = time.monotonic() + self.timeout  # for the whole attempt
         connection, reused = self._connection(route)
         try:
-            return self._exchange(connection, route, body, headers)
+            return self._exchange(connection, route, body, headers, deadline)
         except ConnectionError:
             connection.close()
             if not reused:
@@ -131,7 +137,7 @@ class Transport:
             # not take the request, so send it once more on a new connection.
             connection, _ = self._connection(route)
             try:
-                return self._exchange(connection, route, body, headers)
+                return self._exchange(connection, route, body, headers, deadline)
             except BaseException:
                 connection.close()
                 raise
@@ -175,6 +181,7 @@ class Transport:
         route: Route,
         body: bytes,
         headers: dict[str, str],
+        deadline: float,
     ) -> tuple[int, str | None]:
         # http.client connects (TLS, CONNECT tunnel); the request itself is written in
         # one send, not http.client's two (head, then body), and read with its parser.
@@ -185,10 +192,13 @@ class Transport:
             lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         if connection.sock is None:
+            connection.timeout = _remaining(deadline)
             connection.connect()
-        assert connection.sock is not None
-        connection.sock.sendall("\r\n".join(lines).encode("latin-1") + body)
-        response = http.client.HTTPResponse(connection.sock, method="POST")
+        sock = connection.sock
+        assert sock is not None
+        sock.settimeout(_remaining(deadline))
+        sock.sendall("\r\n".join(lines).encode("latin-1") + body)
+        response = http.client.HTTPResponse(_Timed(sock, deadline), method="POST")  # type: ignore[arg-type]
         response.begin()
         # Read the answer to the end so that the connection can carry the next hook;
         # past the limit, or when the server says so, drop the connection.
@@ -196,6 +206,42 @@ class Transport:
         if response.will_close or not response.isclosed():
             connection.close()
         return response.status, response.getheader("Retry-After")
+
+
+def mask_url(text: str) -> str:
+    """*text* with the password of any URL in it replaced by ``***``."""
+    return re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class _Timed:
+    """A socket as http.client's parser reads it, where every read gets only the time
+    left until the attempt's deadline: a receiver that trickles its answer a byte at a
+    time cannot hold a delivery thread (or a waiting call) past the timeout."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_TimedReader(self._sock, self._deadline))
+
+
+class _TimedReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_remaining(self._deadline))
+        return self._sock.recv_into(buffer)
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:

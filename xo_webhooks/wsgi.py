@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["read_body", "read_at_most", "Capture", "ObservedResponse"]
+__all__ = ["read_body", "read_at_most", "describe_exception", "Capture", "ObservedResponse"]
 
 logger = logging.getLogger("xo_webhooks")
 CHUNK = 64 * 1024
@@ -32,9 +32,9 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             return None
         if expected < 0 or expected > limit:
             return None
-        body = read_at_most(stream, expected)
+        body = _read_or_restore(environ, stream, expected)
     elif environ.get("wsgi.input_terminated"):  # chunked: read to the end, up to a cap
-        body = read_at_most(stream, limit + 1)
+        body = _read_or_restore(environ, stream, limit + 1)
         if len(body) > limit:
             environ["wsgi.input"] = _PrefixedInput.wrap(body, stream)
             return None
@@ -45,9 +45,20 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
     return body
 
 
-def read_at_most(stream: Any, size: int) -> bytes:
-    """Read up to *size* bytes from a WSGI input stream, in bounded chunks."""
-    parts = []
+def _read_or_restore(environ: WSGIEnvironment, stream: Any, size: int) -> bytes:
+    parts: list[bytes] = []
+    try:
+        return read_at_most(stream, size, parts)
+    except Exception:
+        # The app must still see every byte: what was read, then the rest.
+        environ["wsgi.input"] = _PrefixedInput.wrap(b"".join(parts), stream)
+        raise
+
+
+def read_at_most(stream: Any, size: int, parts: list[bytes] | None = None) -> bytes:
+    """Read up to *size* bytes from a WSGI input stream, in bounded chunks; *parts*
+    keeps what was read if the stream raises."""
+    parts = [] if parts is None else parts
     remaining = size
     while remaining > 0:
         chunk = stream.read(min(remaining, CHUNK))
@@ -83,8 +94,14 @@ class _PrefixedInput(io.RawIOBase):
         return len(data)
 
 
+def describe_exception(error: BaseException) -> str:
+    """``KeyError: 'x'``: the text of an exception for a hook's JSON-RPC error."""
+    return f"{type(error).__name__}: {error}"[:500]
+
+
 class Capture:
-    """What the app answered: status, a capped copy of the body, and any exception.
+    """What the app answered: status, a capped copy of the body, and the exception it
+    raised, if any, as text (the exception itself, with its frames, stays here).
 
     :param limit: the most body bytes kept; past it ``overflow`` is set.
     """
@@ -92,7 +109,7 @@ class Capture:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status: str | None = None
-        self.exception: BaseException | None = None
+        self.error: str | None = None
         self.overflow = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -115,6 +132,10 @@ class Capture:
             return observed_write
 
         return observed_start_response
+
+    def fail(self, error: BaseException) -> None:
+        """Record that the app raised *error*."""
+        self.error = describe_exception(error)
 
     def add(self, chunk: bytes) -> None:
         """Keep *chunk* while under the limit."""
@@ -173,7 +194,7 @@ class ObservedResponse:
             self._report()
             raise
         except BaseException as e:
-            self._capture.exception = e
+            self._capture.fail(e)
             raise
         self._capture.add(chunk)
         return chunk
