@@ -119,8 +119,10 @@ def post(client, body=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lint warns about things the *client* does
         response = client.post("/", data=data, content_type="application/json")
-        response.get_data()
-        response.close()
+        try:
+            response.get_data()
+        finally:
+            response.close()  # as a server does, also when the body raises
     return response
 
 
@@ -327,3 +329,23 @@ def test_an_input_error_mid_read_loses_no_byte_for_the_app():
         read_body(environ, limit=1 << 20)
     stream = environ["wsgi.input"]
     assert b"".join(iter(lambda: stream.read(65536), b"")) == body
+
+
+@pytest.mark.parametrize("outer", wrappers())
+@pytest.mark.parametrize("fail_at", [None, 1], ids=["complete", "raises-mid-iteration"])
+def test_closed_exactly_once_inside_lint_and_validator(fail_at, outer):
+    iterables = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        iterables.append(Closing([RESULT[:5], RESULT[5:]], fail_at=fail_at))
+        return iterables[-1]
+
+    client, dispatcher = build(app, outer)
+    if fail_at is None:
+        assert post(client).get_data() == RESULT
+    else:
+        with pytest.raises(ValueError, match="broke mid-response"):
+            post(client)
+    assert iterables[0].closed == 1
+    assert len(dispatcher.payloads("post")) == 1
