@@ -216,33 +216,17 @@ class HookReceiver:
 def make_receiver(
     scripts_dir: str | os.PathLike[str] | None = None,
     secret: str | None = None,
-    *,
-    max_body: int = 1024 * 1024,
-    script_timeout: float = 30.0,
-    tolerance: float = DEFAULT_TOLERANCE,
-    max_workers: int = 2,
-    max_queue: int = 1000,
+    **options: Any,
 ) -> HookReceiver:
-    """Return a :class:`HookReceiver`; the arguments are documented there.
+    """Return a :class:`HookReceiver` (a WSGI app).
 
     :param scripts_dir: the folder of ``<method>-<type>.sh`` scripts, or ``None``.
     :param secret: the ``whsec_`` secret signatures are checked with, or ``None``.
-    :param max_body: the largest body accepted, in bytes.
-    :param script_timeout: seconds a script may run.
-    :param tolerance: seconds ``webhook-timestamp`` may differ from the clock.
-    :param max_workers: how many scripts run at the same time.
-    :param max_queue: how many scripts may be queued or running.
+    :param options: ``max_body``, ``script_timeout``, ``tolerance``, ``max_workers``,
+        ``max_queue``, as documented on :class:`HookReceiver`.
     :raises ConfigError: an argument is invalid.
     """
-    return HookReceiver(
-        scripts_dir,
-        secret,
-        max_body=max_body,
-        script_timeout=script_timeout,
-        tolerance=tolerance,
-        max_workers=max_workers,
-        max_queue=max_queue,
-    )
+    return HookReceiver(scripts_dir, secret, **options)
 
 
 def serve(
