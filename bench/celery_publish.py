@@ -43,9 +43,9 @@ sys.path.insert(0, str(HERE))
 from common import Row, Spread, free_port, render_table, wait_for_port  # noqa: E402
 
 from xo_webhooks import load_settings  # noqa: E402
-from xo_webhooks.delivery import Delivery  # noqa: E402
-from xo_webhooks.dispatcher import ThreadDispatcher  # noqa: E402
-from xo_webhooks.payload import pre_payload  # noqa: E402
+from xo_webhooks.request.payload import pre_payload  # noqa: E402
+from xo_webhooks.sending.delivery import Delivery  # noqa: E402
+from xo_webhooks.sending.dispatcher import ThreadDispatcher  # noqa: E402
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw3NjFjYvZmi0="
 PARAMS = {"id": "0f3a7c4e-8b1d-4c2a-9e5f-6a7b8c9d0e1f", "force": False, "password": "x"}

@@ -45,10 +45,10 @@ def measure() -> dict[str, Any]:
     from receivers import closed_port_url
 
     from xo_webhooks import load_settings
-    from xo_webhooks.delivery import Delivery
-    from xo_webhooks.dispatcher import ThreadDispatcher
-    from xo_webhooks.jsonrpc import Outcome
-    from xo_webhooks.payload import post_payload, pre_payload
+    from xo_webhooks.request.jsonrpc import Outcome
+    from xo_webhooks.request.payload import post_payload, pre_payload
+    from xo_webhooks.sending.delivery import Delivery
+    from xo_webhooks.sending.dispatcher import ThreadDispatcher
 
     logging.getLogger("xo_webhooks").setLevel(logging.CRITICAL)  # one warning per attempt
     settings = load_settings(

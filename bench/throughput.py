@@ -25,10 +25,10 @@ from apps import SECRET, UNMATCHED_METHODS, WsgiCaller, create_app, hook, rpc_bo
 from common import Row, Spread, paired_rates, ratios
 
 from xo_webhooks import load_settings, signing
-from xo_webhooks.delivery import Delivery
-from xo_webhooks.dispatcher import ThreadDispatcher
-from xo_webhooks.jsonrpc import Outcome
-from xo_webhooks.payload import post_payload, pre_payload
+from xo_webhooks.request.jsonrpc import Outcome
+from xo_webhooks.request.payload import post_payload, pre_payload
+from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.dispatcher import ThreadDispatcher
 
 WORKERS = 4
 

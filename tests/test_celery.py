@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from xo_webhooks import WebhookMiddleware, load_settings
-from xo_webhooks.deadletter import read_records
-from xo_webhooks.delivery import Delivery
-from xo_webhooks.payload import pre_payload
-from xo_webhooks.replay import replay
+from xo_webhooks.request.payload import pre_payload
+from xo_webhooks.sending.deadletter import read_records
+from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.replay import replay
 from xo_webhooks.signing import verify
 
 from .apps import create_app
@@ -42,7 +42,7 @@ redis = pytest.importorskip("redis", reason="the celery extra is not installed")
 pytest.importorskip("celery", reason="the celery extra is not installed")
 
 from xo_webhooks.celery import QUEUE, VISIBILITY_TIMEOUT, CeleryDispatcher, celery_app  # noqa: E402
-from xo_webhooks.deadletter_redis import DEFAULT_KEY, RedisDeadLetter  # noqa: E402
+from xo_webhooks.sending.deadletter_redis import DEFAULT_KEY, RedisDeadLetter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtY2VsZXJ5LXRlc3Rz"
@@ -246,7 +246,7 @@ def assert_ledger(stats: dict[str, int]) -> None:
 
 def test_the_base_install_imports_neither_celery_nor_redis():
     code = (
-        "import sys, xo_webhooks, xo_webhooks.middleware, xo_webhooks.deadletter\n"
+        "import sys, xo_webhooks, xo_webhooks.request.middleware, xo_webhooks.sending.deadletter\n"
         "from xo_webhooks import WebhookMiddleware\n"
         "WebhookMiddleware(lambda e, s: [], hooks=[], environ={}).close(0)\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -28,8 +28,8 @@ import pytest
 import requests
 
 from xo_webhooks import __version__
-from xo_webhooks.jsonrpc import Outcome
-from xo_webhooks.payload import post_payload, pre_payload
+from xo_webhooks.request.jsonrpc import Outcome
+from xo_webhooks.request.payload import post_payload, pre_payload
 from xo_webhooks.signing import verify
 
 from .waiting import wait_until

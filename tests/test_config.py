@@ -19,7 +19,7 @@ from xo_webhooks.errors import ConfigError, WebhookError
 URL = "http://hooks.example/in"
 HOOK = {"method": "vm.start", "type": "pre", "url": URL}
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-OTHER_SECRET = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVg=="
+OTHER_SECRET = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="  # 26 bytes
 
 
 def hook(**changes: Any) -> dict[str, Any]:

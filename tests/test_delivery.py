@@ -1,5 +1,5 @@
-"""The HTTP side of a delivery: unit tests of Sender with `responses`, then signing,
-headers, TLS and proxies against real servers on 127.0.0.1."""
+"""The HTTP side of a delivery: Sender's requests, signing, headers, TLS and proxies,
+against real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from xo_webhooks import load_settings
-from xo_webhooks.delivery import Delivery, Sender, backoff_delay, parse_retry_after
-from xo_webhooks.payload import pre_payload
+from xo_webhooks.request.payload import pre_payload
+from xo_webhooks.sending.delivery import Delivery, Sender
+from xo_webhooks.sending.policy import Attempt, RetryPolicy, parse_retry_after
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 URL = "http://127.0.0.1:9/hook"
@@ -104,11 +105,13 @@ def test_retry_after_as_a_future_date():
 
 
 def test_backoff_is_exponential_jittered_and_capped():
+    policy, failed = RetryPolicy(retries=10, backoff=1.0), Attempt(False, "HTTP 503", True)
     for attempts, ceiling in [(1, 1), (2, 2), (3, 4), (10, 60)]:
-        delays = [backoff_delay(attempts, 1.0) for _ in range(50)]
+        delays = [policy.next_delay(attempts, failed) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1  # jittered
-    assert backoff_delay(3, 1.0, retry_after=7.0) == 7.0
+    asked = Attempt(False, "HTTP 429", True, retry_after=7.0)
+    assert policy.next_delay(3, asked) == 7.0
 
 
 def test_signed_hooks_verify_with_standardwebhooks(webhook_receiver):

@@ -1,4 +1,4 @@
-"""Tests of xo_webhooks.formats: each format holds what its receiving service requires."""
+"""Tests of xo_webhooks.sending.formats: each format holds what its receiving service requires."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from xo_webhooks.formats import FORMATS, render
 from xo_webhooks.schema import validate_payload
+from xo_webhooks.sending.formats import FORMATS, render
 
 PRE = {
     "type": "pre",

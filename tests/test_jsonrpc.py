@@ -1,4 +1,4 @@
-"""Tests of xo_webhooks.jsonrpc: finding calls in requests and outcomes in responses.
+"""Tests of xo_webhooks.request.jsonrpc: finding calls in requests and outcomes in responses.
 
 Nothing here may raise on bad input: ``None`` means "not JSON-RPC, pass it through".
 """
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from xo_webhooks.jsonrpc import (
+from xo_webhooks.request.jsonrpc import (
     INTERNAL_ERROR,
     Call,
     Outcome,

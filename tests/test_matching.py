@@ -1,4 +1,4 @@
-"""Tests of xo_webhooks.matching: which hooks a method name triggers."""
+"""Tests of xo_webhooks.request.matching: which hooks a method name triggers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from xo_webhooks.config import Hook
-from xo_webhooks.matching import HookTable
+from xo_webhooks.request.matching import HookTable
 
 
 def hook(method: str, type_: str = "pre", n: int = 0) -> Hook:

@@ -1,4 +1,4 @@
-"""Tests of xo_webhooks.payload: building, redacting and serialising hook payloads.
+"""Tests of xo_webhooks.request.payload: building, redacting and serialising hook payloads.
 
 Every payload built here is also checked against the published JSON Schema.
 """
@@ -13,16 +13,11 @@ from typing import Any
 import pytest
 
 from xo_webhooks.config import DEFAULT_REDACT
-from xo_webhooks.jsonrpc import Outcome, internal_error
-from xo_webhooks.payload import (
-    REDACTED,
-    post_payload,
-    pre_payload,
-    redact,
-    redact_payload,
-    serialize,
-)
+from xo_webhooks.request.jsonrpc import Outcome, internal_error
+from xo_webhooks.request.payload import post_payload, pre_payload
 from xo_webhooks.schema import validate_payload
+from xo_webhooks.sending.formats import serialize
+from xo_webhooks.sending.redaction import REDACTED, redact, redact_payload
 
 USER = ("u-42", "alice@example.com")
 PARAMS = {"id": "vm-1", "force": False}

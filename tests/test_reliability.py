@@ -10,12 +10,12 @@ import time
 import pytest
 
 from xo_webhooks import load_settings
-from xo_webhooks.deadletter import DeadLetterFile, read_records
-from xo_webhooks.delivery import Delivery
-from xo_webhooks.dispatcher import ThreadDispatcher
-from xo_webhooks.payload import pre_payload
-from xo_webhooks.replay import replay
+from xo_webhooks.request.payload import pre_payload
 from xo_webhooks.schema import validate_payload
+from xo_webhooks.sending.deadletter import DeadLetterFile, read_records
+from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.dispatcher import ThreadDispatcher
+from xo_webhooks.sending.replay import replay
 
 from .apps import create_app
 from .waiting import wait_until

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from xo_webhooks.deadletter import read_records
+from xo_webhooks.sending.deadletter import read_records
 
 from .apps import create_app
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import datetime, timezone
 
 import pytest
 import standardwebhooks
 from werkzeug.datastructures import EnvironHeaders, Headers
 
-from xo_webhooks.errors import SignatureError
-from xo_webhooks.signing import decode_secret, generate_secret, sign, verify
+from xo_webhooks.config import load_settings
+from xo_webhooks.errors import ConfigError, SignatureError
+from xo_webhooks.receiver import HookReceiver
+from xo_webhooks.signing import generate_secret, parse_secret, sign, verify
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another key of thirty-two bytes!").decode()
@@ -189,26 +192,54 @@ def test_malformed_headers_raise_signature_error_only(changes, message):
     assert info.value.__context__ is None or info.value.__suppress_context__
 
 
-@pytest.mark.parametrize(
-    "secret",
-    [
-        pytest.param("whsec_@@@@", id="not-base64"),
-        pytest.param("whsec_QUJDRA=x", id="bad-padding"),
-        pytest.param("whsec_QUJDR", id="truncated"),
-        pytest.param("whsec_", id="empty"),
-        pytest.param("whsec_Zm9v\u00e9", id="non-ascii"),
-        pytest.param(None, id="none"),
-        pytest.param(b"whsec_Zm9v", id="bytes"),
-    ],
-)
-def test_a_bad_secret_raises_signature_error_without_echoing_it(secret):
-    with pytest.raises(SignatureError) as info:
+def _key(size: int) -> str:
+    return base64.b64encode(bytes(range(size))).decode()
+
+
+BAD_SECRETS = [
+    pytest.param("whsec_@@@@", "base64", id="not-base64"),
+    pytest.param("whsec_QUJDRA=x", "base64", id="bad-padding"),
+    pytest.param("whsec_QUJDR", "base64", id="truncated"),
+    pytest.param("whsec_", "not 0", id="empty"),
+    pytest.param("whsec_Zm9v\u00e9", "base64", id="non-ascii"),
+    pytest.param("whsec_" + _key(23), "not 23", id="23-bytes"),
+    pytest.param("whsec_" + _key(65), "not 65", id="65-bytes"),
+    pytest.param(_key(32), "start with whsec_", id="no-prefix"),
+    pytest.param(None, "start with whsec_", id="none"),
+    pytest.param(b"whsec_" + _key(32).encode(), "start with whsec_", id="bytes"),
+]
+
+
+@pytest.mark.parametrize(("secret", "reason"), BAD_SECRETS)
+def test_a_bad_secret_is_refused_alike_everywhere_without_echoing_it(secret, reason):
+    """parse_secret, sign and verify raise the same ValueError (not a SignatureError:
+    the secret is the caller's mistake, not the request's), the configuration and the
+    receiver a ConfigError with the same text."""
+    with pytest.raises(ValueError) as parsed:
+        parse_secret(secret)
+    message = str(parsed.value)
+    assert reason in message and type(parsed.value) is ValueError
+    if isinstance(secret, str) and len(secret) > 6:
+        assert secret[6:] not in message
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$") as verified:
         verify(secret, BODY, headers_for(), now=NOW)
-    assert type(info.value) is SignatureError
-    if isinstance(secret, str) and secret != "whsec_":
-        assert secret[6:] not in str(info.value)
-    with pytest.raises(SignatureError):
-        decode_secret(secret)
+    assert not isinstance(verified.value, SignatureError)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        sign(secret, "msg_1", NOW, BODY)
+    if isinstance(secret, str):
+        with pytest.raises(ConfigError, match=f"^XO_WEBHOOKS_SECRET: {re.escape(message)}$"):
+            load_settings(environ={"XO_WEBHOOKS_SECRET": secret})
+        with pytest.raises(ConfigError, match=f"^secret: {re.escape(message)}$"):
+            HookReceiver(secret=secret)
+
+
+@pytest.mark.parametrize("size", [24, 32, 64])
+def test_secrets_of_24_to_64_bytes_are_accepted_everywhere(size):
+    secret = "whsec_" + _key(size)
+    assert parse_secret(secret) == bytes(range(size))
+    assert load_settings(environ={"XO_WEBHOOKS_SECRET": secret}).secret == secret
+    HookReceiver(secret=secret)
+    verify(secret, BODY, headers_for(secret=secret), now=NOW)
 
 
 def test_secrets_never_appear_in_messages():
@@ -225,19 +256,22 @@ def test_secrets_never_appear_in_messages():
     assert all(key_part not in m and SECRET not in m for m in messages)
 
 
-def test_unpadded_and_unprefixed_secrets_are_accepted():
-    raw = base64.b64decode(SECRET[6:])
-    assert decode_secret(SECRET) == raw
-    assert decode_secret(SECRET[6:]) == raw
-    unpadded = "whsec_" + base64.b64encode(b"0123456789").decode().rstrip("=")
-    assert decode_secret(unpadded) == b"0123456789"
-    verify(unpadded, BODY, headers_for(secret=unpadded + "=="), now=NOW)
+def test_unpadded_secrets_are_accepted_everywhere():
+    """Padding is optional: sign() once raised binascii.Error for what verify() took."""
+    padded = "whsec_" + _key(25)
+    unpadded = padded.rstrip("=")
+    assert unpadded != padded
+    assert parse_secret(unpadded) == parse_secret(padded) == bytes(range(25))
+    assert sign(unpadded, "msg_1", NOW, BODY) == sign(padded, "msg_1", NOW, BODY)
+    verify(unpadded, BODY, headers_for(secret=padded), now=NOW)
+    assert load_settings(environ={"XO_WEBHOOKS_SECRET": unpadded}).secret == unpadded
+    HookReceiver(secret=unpadded)
 
 
 def test_generate_secret():
     first, second = generate_secret(), generate_secret()
     assert first.startswith("whsec_") and first != second
-    assert len(decode_secret(first)) == 32
+    assert len(parse_secret(first)) == 32
     now = int(datetime.now(timezone.utc).timestamp())
     headers = headers_for(secret=first, ts=now)
     verify(first, BODY, headers)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from xo_webhooks.transport import MAX_RESPONSE, Route, Transport
+from xo_webhooks.sending.transport import MAX_RESPONSE, Route, Transport
 
 PROXY = "http://127.0.0.1:3128"
 

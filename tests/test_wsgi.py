@@ -16,7 +16,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client, EnvironBuilder
 
 from xo_webhooks import WebhookMiddleware
-from xo_webhooks.wsgi import read_body
+from xo_webhooks.request.wsgi import read_body
 
 CALL = {"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"id": "vm-1"}}
 RESULT = b'{"jsonrpc": "2.0", "id": 1, "result": "ok"}'

@@ -5,15 +5,18 @@ payload before it runs ("pre") and after it completes ("post")::
 
     from xo_webhooks import WebhookMiddleware
     app.wsgi_app = WebhookMiddleware(app.wsgi_app)   # hooks from XO_WEBHOOKS_HOOKS
+
+The public API is what this module exports, and the modules ``schema``, ``signing``,
+``errors``, ``receiver``, ``testing``, ``pytest_plugin`` and ``celery``. The
+subpackages ``request``, ``sending`` and ``receiving`` are internal.
 """
 
 import logging
 
-__version__ = "0.1.0"
-
-from .config import Hook, Settings, load_settings  # noqa: E402
-from .errors import ConfigError, SignatureError, WebhookError  # noqa: E402
-from .middleware import WebhookMiddleware  # noqa: E402
+from ._version import __version__
+from .config import Hook, Settings, load_settings
+from .errors import ConfigError, SignatureError, WebhookError
+from .request.middleware import WebhookMiddleware
 
 __all__ = [
     "WebhookMiddleware",
@@ -26,4 +29,4 @@ __all__ = [
     "__version__",
 ]
 
-logging.getLogger("xo_webhooks").addHandler(logging.NullHandler())
+logging.getLogger(__name__).addHandler(logging.NullHandler())

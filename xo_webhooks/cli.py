@@ -23,21 +23,20 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Callable, NoReturn, TextIO
+from urllib.parse import urlsplit
 
-from . import __version__
+from ._text import shorten
+from ._urls import mask_url
+from ._version import __version__
 from .config import ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from jsonschema import ValidationError
 
 __all__ = ["main"]
 
 PROG = "xo-webhooks"
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
-MESSAGE_LIMIT = 300  # characters of a schema error message (they quote the instance)
+MESSAGE_LIMIT = 300  # characters of a "not JSON" message
 Runner = Callable[[argparse.Namespace], int]
 
 
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    from .middleware import WebhookMiddleware
+    from .request.middleware import WebhookMiddleware
 
     app = _import_app(args.app)
     inner = getattr(app, "wsgi_app", app)  # Flask: wrap the inner app, keep Flask's __call__
@@ -288,7 +287,7 @@ def _print_hooks(settings: Settings, out: TextIO) -> None:
         return
     rows = [("METHOD", "TYPE", "URL", "FORMAT", "WAITFORRESPONSE", "SIGNED")]
     rows += [
-        (h.method, h.type, _display_url(h.url), h.format, _yes(h.wait_for_response), _yes(h.signed))
+        (h.method, h.type, mask_url(h.url), h.format, _yes(h.wait_for_response), _yes(h.signed))
         for h in settings.hooks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -308,15 +307,6 @@ def _setting(name: str, value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _display_url(url: str) -> str:
-    """*url* with the password of its ``user:password@`` part, if any, hidden."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -325,9 +315,9 @@ def _yes(flag: bool) -> str:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from .delivery import Delivery, Sender
-    from .jsonrpc import Outcome
-    from .payload import post_payload, pre_payload
+    from .request.jsonrpc import Outcome
+    from .request.payload import post_payload, pre_payload
+    from .sending.delivery import Delivery, Sender
 
     hook: dict[str, Any] = {
         "method": "vm.start",
@@ -349,7 +339,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     pre = pre_payload(call_id, user, method, params, start)
     failed = 0
     print(
-        f"sending a simulated {method} call (callId {call_id}) to {_display_url(args.url)}"
+        f"sending a simulated {method} call (callId {call_id}) to {mask_url(args.url)}"
         f" as {args.format}"
     )
     for kind in ("pre", "post"):
@@ -374,7 +364,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .schema import validator
+    from .schema import error_message, validator
 
     name = "<stdin>" if args.file == "-" else args.file
     text = _read_input(args.file, name)
@@ -389,7 +379,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             [problem]
             if problem
             else [
-                f"{e.json_path}: {_schema_message(e)}"
+                f"{e.json_path}: {error_message(e)}"
                 for e in sorted(check.iter_errors(payload), key=lambda e: e.json_path)
             ]
         )
@@ -433,32 +423,8 @@ def _split_payloads(text: str) -> list[tuple[int | None, Any, str | None]]:
             try:
                 payloads.append((number, json.loads(line), None))
             except (ValueError, RecursionError) as e:
-                payloads.append((number, None, f"not JSON: {_shorten(str(e))}"))
+                payloads.append((number, None, f"not JSON: {shorten(str(e), MESSAGE_LIMIT)}"))
     return payloads
-
-
-def _schema_message(error: ValidationError) -> str:
-    """The error's message, without the whole payload that jsonschema quotes."""
-    alternatives = error.validator_value if error.validator == "oneOf" else None
-    if isinstance(alternatives, list) and all(
-        isinstance(a, dict) and "required" in a for a in alternatives
-    ):
-        return "must have exactly one of " + " or ".join(
-            "+".join(a["required"]) for a in alternatives
-        )
-    if error.validator == "not" and error.validator_value == {}:  # a `false` schema
-        # The payload schema's `if type is pre, then...` branch forbids the post fields.
-        return "not allowed in a pre hook" if error.schema_path[0] == "then" else "not allowed"
-    message = error.message
-    if isinstance(error.instance, (dict, list)) and message.startswith(repr(error.instance)):
-        kind = "the object" if isinstance(error.instance, dict) else "the array"
-        message = kind + message[len(repr(error.instance)) :]
-    return _shorten(message)
-
-
-def _shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
 
 
 # -- receive, replay, demo --------------------------------------------------------------
@@ -492,10 +458,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import replay
+    from .sending.replay import replay
 
     settings = load_settings()
-    target = _display_url(args.file)
+    target = mask_url(args.file)
     try:
         report = replay(args.file, settings)
     except FileNotFoundError:
@@ -543,7 +509,7 @@ def _http_url(value: str) -> str:
 
 
 def _formats() -> tuple[str, ...]:
-    from .formats import FORMATS
+    from .sending.formats import FORMATS
 
     return FORMATS
 

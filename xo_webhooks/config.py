@@ -1,4 +1,4 @@
-"""Configuration: the only module that reads ``os.environ``.
+"""Configuration: the only module that reads the ``XO_WEBHOOKS_*`` variables.
 
 Settings come from three sources, highest priority first: keyword arguments of the
 middleware (snake_case), environment variables (``XO_WEBHOOKS_<NAME>``), and the JSON
@@ -9,8 +9,6 @@ the path of the bad field. What comes out is a frozen :class:`Settings`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import os
@@ -22,14 +20,14 @@ from typing import Any
 
 from jsonschema import ValidationError
 
+from ._urls import mask_url, parse_http_url
 from .errors import ConfigError
-from .schema import load_schema, validator
-from .transport import Route, mask_url
+from .schema import error_message, load_schema, validator
+from .signing import parse_secret
 
 __all__ = ["Hook", "Settings", "load_settings", "ENV_PREFIX", "DEFAULT_REDACT"]
 
 ENV_PREFIX = "XO_WEBHOOKS_"
-HOOK_TYPES = ("pre", "post", "pre/post")
 DEFAULT_REDACT = (
     "password", "passwd", "secret", "token", "apikey", "api_key",
     "authorization", "cookie", "privatekey", "private_key",
@@ -246,10 +244,9 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
         if secret is None:
             continue
         try:
-            base64.b64decode(secret[len("whsec_") :], validate=True)
-        except binascii.Error:
-            where = sources.get(where, where)
-            raise ConfigError(f"{where}: must be whsec_ followed by valid base64") from None
+            parse_secret(secret)
+        except ValueError as e:
+            raise ConfigError(f"{sources.get(where, where)}: {e}") from None
 
 
 # Headers xo-webhooks writes itself: configured twice, they would make a request that
@@ -266,7 +263,7 @@ def _check_hooks(hooks: list[dict[str, Any]], source: str) -> None:
     for i, hook in enumerate(hooks):
         where = f"{source}[{i}]"
         try:
-            Route.of(hook["url"], {})
+            parse_http_url(hook["url"])
         except ValueError as e:
             raise ConfigError(f"{where}.url: {mask_url(str(e))}") from None
         for name, value in hook.get("headers", {}).items():
@@ -292,13 +289,13 @@ def _describe(error: ValidationError, sources: dict[str, str]) -> str:
     if not path:  # an unknown top-level key, or the document itself is wrong
         extra = _unexpected_keys(error)
         where = ", ".join(sources.get(k, k) for k in extra) or "configuration"
-        return f"{where}: {_message(error)}"
+        return f"{where}: {error_message(error)}"
     where = sources.get(str(path[0]), str(path[0]))
     for part in path[1:]:
         where += f"[{part}]" if isinstance(part, int) else f".{part}"
     if SENSITIVE & {str(p) for p in path}:  # never echo a secret, even a malformed one
         return f"{where}: invalid value (not shown): {_reason(error)}"
-    return f"{where}: {mask_url(_message(error))}"
+    return f"{where}: {mask_url(error_message(error))}"
 
 
 SENSITIVE = {"secret", "headers", "brokerUrl"}
@@ -315,21 +312,6 @@ def _unexpected_keys(error: ValidationError) -> list[str]:
         allowed = set(error.schema.get("properties", {}))
         return [k for k in error.instance if k not in allowed]
     return []
-
-
-def _message(error: ValidationError) -> str:
-    # A bare "False was expected" says little; the schema's description says why.
-    if error.validator == "const" and "description" in error.schema:
-        return f"{error.instance!r} is not allowed: {error.schema['description']}"
-    if isinstance(error.instance, (dict, list)) and error.validator == "type":
-        # A whole object or list may hold secrets: name its kind, never its content.
-        kind = "an object" if isinstance(error.instance, dict) else "an array"
-        return f"expected {error.validator_value}, got {kind}"
-    if isinstance(error.instance, (dict, list)) and error.validator not in (
-        "required", "additionalProperties",
-    ):  # fmt: skip
-        return f"invalid ({error.validator})"
-    return error.message
 
 
 def _build(document: dict[str, Any]) -> Settings:

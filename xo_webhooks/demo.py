@@ -16,7 +16,7 @@ import requests
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from .middleware import WebhookMiddleware
+from .request.middleware import WebhookMiddleware
 from .testing import WebhookReceiver
 
 if TYPE_CHECKING:

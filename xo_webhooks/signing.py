@@ -32,12 +32,14 @@ __all__ = [
     "sign",
     "verify",
     "generate_secret",
-    "decode_secret",
+    "parse_secret",
     "SECRET_PREFIX",
     "DEFAULT_TOLERANCE",
 ]
 
 SECRET_PREFIX = "whsec_"
+#: Bytes a secret's key may hold, as the Standard Webhooks spec says.
+SECRET_MIN_BYTES, SECRET_MAX_BYTES = 24, 64
 DEFAULT_TOLERANCE = 300  # seconds, as the Standard Webhooks libraries use
 
 _ID, _TIMESTAMP, _SIGNATURE = "webhook-id", "webhook-timestamp", "webhook-signature"
@@ -56,9 +58,11 @@ class HeaderSource(Protocol):
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Return the ``webhook-signature`` header value for *body*."""
-    encoded = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
-    key = base64.b64decode(encoded)
+    """Return the ``webhook-signature`` header value for *body*.
+
+    :raises ValueError: *secret* is not a valid secret (see :func:`parse_secret`).
+    """
+    key = parse_secret(secret)
     signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")
@@ -79,7 +83,7 @@ def verify(
 ) -> None:
     """Check the Standard Webhooks signature of a request; raise unless it is valid.
 
-    :param secret: the shared ``whsec_<base64>`` secret (the prefix may be left out).
+    :param secret: the shared ``whsec_<base64>`` secret (see :func:`parse_secret`).
     :param body: the raw request body, exactly as received (a ``str`` is encoded as UTF-8).
     :param headers: the request headers, any mapping; names are matched
         case-insensitively (a plain ``dict`` works, so do werkzeug's and Flask's headers).
@@ -87,10 +91,13 @@ def verify(
         in the past or in the future (default 300, i.e. five minutes).
     :param now: the current time in epoch seconds; defaults to :func:`time.time`.
     :raises SignatureError: a header is missing or malformed, the timestamp is out of
-        tolerance, the secret is not valid base64, or no ``v1`` signature matches.
+        tolerance, or no ``v1`` signature matches.
+    :raises ValueError: *secret* is not a valid secret: the caller's mistake, not the
+        request's.
     """
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
+    key = parse_secret(secret)
     msg_id = _header(headers, _ID)
     raw_timestamp = _header(headers, _TIMESTAMP)
     raw_signatures = _header(headers, _SIGNATURE)
@@ -112,7 +119,7 @@ def verify(
     candidates = _v1_signatures(raw_signatures)
     payload = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     signed = f"{msg_id}.{timestamp}.".encode() + payload
-    expected = hmac.new(decode_secret(secret), signed, hashlib.sha256).digest()
+    expected = hmac.new(key, signed, hashlib.sha256).digest()
     # Check every candidate, without stopping early, so the time taken does not depend
     # on which of them (if any) matched.
     matched = False
@@ -171,21 +178,27 @@ def _v1_signatures(header: str) -> list[bytes]:
     return found
 
 
-def decode_secret(secret: str) -> bytes:
-    """Return the HMAC key of a ``whsec_<base64>`` secret (the prefix may be left out).
+def parse_secret(secret: object) -> bytes:
+    """Return the HMAC key of a secret; the one parser of secrets, used by the
+    configuration, :func:`sign`, :func:`verify`, the receiver and the command line.
 
-    :param secret: the shared secret; unpadded base64 is accepted.
-    :raises SignatureError: the secret is not a str, not valid base64, or empty. The
-        message never contains the secret.
+    A secret is ``whsec_`` followed by the base64 (padding optional) of 24 to 64 bytes,
+    as the Standard Webhooks spec says; :func:`generate_secret` makes 32.
+
+    :raises ValueError: the secret breaks that rule; the message says how, and never
+        contains the secret.
     """
-    if not isinstance(secret, str):
-        raise SignatureError("the signing secret must be a str like 'whsec_<base64>'")
-    encoded = secret[len(SECRET_PREFIX) :] if secret.startswith(SECRET_PREFIX) else secret
-    encoded += "=" * (-len(encoded) % 4)  # tolerate unpadded base64, as standardwebhooks does
+    if not isinstance(secret, str) or not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a signing secret must start with {SECRET_PREFIX}")
+    encoded = secret[len(SECRET_PREFIX) :]
+    encoded += "=" * (-len(encoded) % 4)  # padding is optional
     try:
         key = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise SignatureError("the signing secret is not whsec_ followed by valid base64") from None
-    if not key:
-        raise SignatureError("the signing secret is empty")
+        raise ValueError(f"a signing secret must be {SECRET_PREFIX} followed by base64") from None
+    if not SECRET_MIN_BYTES <= len(key) <= SECRET_MAX_BYTES:
+        raise ValueError(
+            f"a signing secret must hold {SECRET_MIN_BYTES} to {SECRET_MAX_BYTES} bytes "
+            f"(base64 after {SECRET_PREFIX}), not {len(key)}"
+        )
     return key

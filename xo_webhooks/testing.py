@@ -25,7 +25,7 @@ from typing import Any, Union
 
 from jsonschema.exceptions import best_match
 
-from .schema import validator
+from .schema import error_message, validator
 
 __all__ = ["ReceivedHook", "WebhookReceiver", "CLOSE"]
 
@@ -264,7 +264,7 @@ class WebhookReceiver:
         if not (self._validate and isinstance(payload, dict) and "type" in payload):
             return None
         error = best_match(validator("hook-payload").iter_errors(payload))
-        return None if error is None else f"{error.json_path}: {error.message}"
+        return None if error is None else f"{error.json_path}: {error_message(error)}"
 
     def _record(self, arrival: int, hook: ReceivedHook) -> None:
         with self._cond:

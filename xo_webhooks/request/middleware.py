@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .config import Hook, Settings, load_settings
-from .delivery import Delivery, new_id
-from .dispatcher import Dispatcher, ThreadDispatcher
+from .._text import describe_error
+from ..config import Hook, Settings, load_settings
+from ..sending.delivery import Delivery, new_id
+from ..sending.dispatcher import Dispatcher, make_dispatcher
 from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
 from .matching import HookTable
 from .payload import User, post_payload, pre_payload
-from .wsgi import Capture, ObservedResponse, describe_exception, read_body
+from .wsgi import Capture, ObservedResponse, read_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WebhookMiddleware", "remote_user", "USER_ENVIRON_KEY"]
 
-logger = logging.getLogger("xo_webhooks")
+logger = logging.getLogger(__name__)
 
 USER_ENVIRON_KEY = "xo_webhooks.user"
 UserResolver = Callable[["WSGIEnvironment"], Optional[User]]
@@ -179,7 +180,7 @@ class WebhookMiddleware:
         try:
             yield record
         except Exception as e:
-            failure = internal_error(describe_exception(e))
+            failure = internal_error(describe_error(e, limit=500))
             self._finish(tracked, lambda _: failure, {})
             raise
         result = _copy(record.result, "result", _UNCOPIED)
@@ -374,12 +375,3 @@ def _may_be_json(content_type: str) -> bool:
         return True
     kind = content_type.split(";", 1)[0].strip().lower()
     return "json" in kind or kind == "text/plain"
-
-
-def make_dispatcher(settings: Settings) -> Dispatcher:
-    """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
-    if settings.dispatcher == "celery":  # imported only when asked: an optional extra
-        from .celery import CeleryDispatcher
-
-        return CeleryDispatcher(settings)
-    return ThreadDispatcher(settings)

@@ -1,4 +1,6 @@
-"""The dead-letter file: hooks that could not be delivered, one JSON object a line.
+"""Dead-letter stores: what one is (:class:`DeadLetterStore`), and the file, hooks that
+could not be delivered, one JSON object a line (the Redis list is in
+:mod:`.deadletter_redis`; :func:`.policy.open_dead_letter` picks one).
 
 Each record is appended with a single ``write()`` on a file opened with ``O_APPEND``,
 so records from several threads or processes never interleave, and a crash mid-write
@@ -15,9 +17,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
-__all__ = ["DeadLetterStore", "DeadLetterFile", "open_dead_letter", "read_records", "parse_record"]
+__all__ = ["DeadLetterStore", "DeadLetterFile", "read_records", "parse_record"]
 
-logger = logging.getLogger("xo_webhooks.deadletter")
+logger = logging.getLogger(__name__)
 
 
 class DeadLetterStore(Protocol):
@@ -29,15 +31,6 @@ class DeadLetterStore(Protocol):
     def taken(self) -> AbstractContextManager[list[dict[str, Any]]]:
         """Remove every record from the store and yield them; the caller appends back
         what it could not handle. Records appended meanwhile are not taken."""
-
-
-def open_dead_letter(target: str) -> DeadLetterStore:
-    """The store for *target*: a ``redis://`` URL (needs the ``celery`` extra) or a path."""
-    if target.startswith(("redis://", "rediss://")):
-        from .deadletter_redis import RedisDeadLetter
-
-        return RedisDeadLetter(target)
-    return DeadLetterFile(target)
 
 
 class DeadLetterFile:

@@ -1,36 +1,33 @@
 """One hook on its way to a receiver, and the HTTP client that sends it.
 
 :class:`Delivery` is a hook plus its payload and its delivery history; :class:`Sender`
-makes one attempt over HTTP and says whether it worked, and if not whether and when to
-try again. Scheduling attempts is the dispatcher's job.
+makes one attempt over HTTP and has the policy (:mod:`.policy`) judge the answer.
+Scheduling attempts is the dispatcher's job.
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import itertools
 import logging
 import os
-import random
-import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, signing
-from .config import Hook, Settings
-from .payload import redact_payload, serialize
+from .. import signing
+from .._text import describe_error
+from .._version import __version__
+from ..config import Hook, Settings
+from .formats import serialize
+from .policy import Attempt, judge_answer, judge_failure
+from .redaction import redact_payload
 from .transport import Transport
 
-__all__ = ["Delivery", "Attempt", "Sender", "backoff_delay", "new_id", "USER_AGENT"]
+__all__ = ["Delivery", "Sender", "new_id", "USER_AGENT"]
 
-logger = logging.getLogger("xo_webhooks")
+logger = logging.getLogger(__name__)
 
 USER_AGENT = f"xo-webhooks/{__version__}"
-MAX_DELAY = 60.0  # seconds: cap of the backoff and of a receiver's Retry-After
-RETRY_STATUSES = frozenset({408, 429})
 
 
 def new_id() -> str:
@@ -63,7 +60,7 @@ class Delivery:
     """
 
     __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
-                 "call_id", "kind")  # fmt: skip
+                 "call_id", "kind", "redacted")  # fmt: skip
 
     def __init__(
         self,
@@ -86,6 +83,7 @@ class Delivery:
         self.attempts = attempts
         self.last_error = last_error
         self.body: bytes | None = None
+        self.redacted = False
         self.call_id = call_id if payload is None else payload.get("callId")
         self.kind = kind if payload is None else payload.get("type")
 
@@ -111,10 +109,16 @@ class Delivery:
         """A call's post hook to a URL waits for its pre hook to the same URL."""
         return (self.call_id, self.hook.url)
 
+    def redact(self, words: Iterable[str]) -> None:
+        """Redact the payload (once: a record read back is already redacted)."""
+        if not self.redacted:
+            self.payload = redact_payload(self.payload, words)
+            self.redacted = True
+
     def prepare(self, redact_words: Iterable[str]) -> bytes:
         """Redact and serialise the payload once; return the request body."""
         if self.body is None:
-            self.payload = redact_payload(self.payload, redact_words)
+            self.redact(redact_words)
             self.body = serialize(self.payload, self.hook.format)
         return self.body
 
@@ -133,15 +137,25 @@ class Delivery:
             secret=configured.secret if configured else settings.secret,
             headers=configured.headers if configured else (),
         )
-        return cls(hook, payload, record.get("id") or None, attempts, record.get("lastError"))
+        delivery = cls(hook, payload, record.get("id") or None, attempts, record.get("lastError"))
+        delivery.redacted = True  # records and messages are written redacted
+        return delivery
+
+    def failed(self, attempt: Attempt) -> None:
+        """Note a failed attempt: its error, and a warning in the log."""
+        self.last_error = attempt.error
+        logger.warning(
+            "hook %s failed (attempt %d): %s", self.describe(), self.attempts, self.last_error
+        )
 
     def describe(self) -> str:
         """``vm.start post for call <id> to <url>``: for logs (never params or results)."""
         method = self._payload.get("method") if self._payload else self.hook.method
         return f"{method} {self.kind} for call {self.call_id} to {self.hook.url}"
 
-    def to_record(self) -> dict[str, Any]:
-        """The dead-letter record of this delivery (no secret, no header values)."""
+    def to_message(self) -> dict[str, Any]:
+        """This delivery as a Celery message carries it: a dead-letter record without
+        its ``failedAt`` (no secret, no header values; redact first)."""
         return {
             "id": self.id,
             "url": self.hook.url,
@@ -149,25 +163,20 @@ class Delivery:
             "payload": self.payload,
             "attempts": self.attempts,
             "lastError": self.last_error,
-            "failedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """The dead-letter record of this delivery: :meth:`to_message` and the time it
+        was given up on."""
+        record = self.to_message()
+        record["failedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return record
 
     def __repr__(self) -> str:
         return (
             f"Delivery({self.kind} call {self.call_id} to {self.hook.url!r}, id={self.id!r}, "
             f"attempts={self.attempts})"
         )
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The result of one attempt: delivered, or failed and maybe worth retrying."""
-
-    delivered: bool
-    error: str | None = None
-    retryable: bool = False
-    retry_after: float | None = None
-    status: int | None = None
 
 
 class Sender:
@@ -211,7 +220,7 @@ class Sender:
             return self._send(delivery)
         except Exception as e:  # a bug must not kill the delivery thread
             logger.exception("unexpected error delivering hook %s", delivery.describe())
-            return Attempt(False, f"unexpected error: {_reason(e)}")
+            return Attempt(False, f"unexpected error: {describe_error(e)}")
 
     def _send(self, delivery: Delivery) -> Attempt:
         delivery.attempts += 1
@@ -223,46 +232,6 @@ class Sender:
             status, retry_after = self.transport.post(
                 delivery.hook.url, body, self.headers(delivery, body)
             )
-        except TimeoutError:
-            return Attempt(False, f"timed out after {self.settings.timeout:g} s", retryable=True)
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, TLS, not HTTP
-            return Attempt(False, f"connection failed: {_reason(e)}", retryable=True)
-        except Exception as e:  # a URL or proxy that cannot be used
-            return Attempt(False, f"request failed: {_reason(e)}")
-        if 200 <= status < 300:
-            return Attempt(True, status=status)
-        error = f"HTTP {status}"
-        if status >= 500 or status in RETRY_STATUSES:
-            return Attempt(
-                False, error, retryable=True, retry_after=parse_retry_after(retry_after),
-                status=status,
-            )  # fmt: skip
-        return Attempt(False, error, status=status)
-
-
-def _reason(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"[:200]
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped."""
-    if not value:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"[0-9]{1,9}", value):  # not isdigit(): "²" is a digit to it
-        return min(float(value), MAX_DELAY)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return min(max(0.0, when.timestamp() - time.time()), MAX_DELAY)
-
-
-def backoff_delay(attempts: int, base: float, retry_after: float | None = None) -> float:
-    """Seconds before the next attempt after *attempts* failed ones: exponential with
-    jitter (between half and all of ``base * 2 ** (attempts - 1)``), capped; a receiver's
-    ``Retry-After`` wins when it gives one."""
-    if retry_after is not None:
-        return retry_after
-    ceiling = min(MAX_DELAY, base * 2 ** max(0, attempts - 1))
-    return ceiling * random.uniform(0.5, 1.0)
+        except Exception as e:
+            return judge_failure(e, self.settings.timeout)
+        return judge_answer(status, retry_after)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 __all__ = ["ScriptJob", "ScriptRunner", "OUTPUT_LIMIT"]
 
-logger = logging.getLogger("xo_webhooks.receiver")
+logger = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 4096  # bytes of a script's output kept for the log
 _READ_SIZE = 65536

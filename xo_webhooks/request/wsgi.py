@@ -7,13 +7,15 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
+from .._streams import read_at_most
+from .._text import describe_error
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["read_body", "read_at_most", "describe_exception", "Capture", "ObservedResponse"]
+__all__ = ["read_body", "Capture", "ObservedResponse"]
 
-logger = logging.getLogger("xo_webhooks")
-CHUNK = 64 * 1024
+logger = logging.getLogger(__name__)
 
 
 def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
@@ -55,20 +57,6 @@ def _read_or_restore(environ: WSGIEnvironment, stream: Any, size: int) -> bytes:
         raise
 
 
-def read_at_most(stream: Any, size: int, parts: list[bytes] | None = None) -> bytes:
-    """Read up to *size* bytes from a WSGI input stream, in bounded chunks; *parts*
-    keeps what was read if the stream raises."""
-    parts = [] if parts is None else parts
-    remaining = size
-    while remaining > 0:
-        chunk = stream.read(min(remaining, CHUNK))
-        if not chunk:
-            break  # the client went away early: hand the app what there was
-        parts.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(parts)
-
-
 class _PrefixedInput(io.RawIOBase):
     """The bytes already read, then the rest of the original stream."""
 
@@ -92,11 +80,6 @@ class _PrefixedInput(io.RawIOBase):
         data = self._stream.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
-
-
-def describe_exception(error: BaseException) -> str:
-    """``KeyError: 'x'``: the text of an exception for a hook's JSON-RPC error."""
-    return f"{type(error).__name__}: {error}"[:500]
 
 
 class Capture:
@@ -135,7 +118,7 @@ class Capture:
 
     def fail(self, error: BaseException) -> None:
         """Record that the app raised *error*."""
-        self.error = describe_exception(error)
+        self.error = describe_error(error, limit=500)
 
     def add(self, chunk: bytes) -> None:
         """Keep *chunk* while under the limit."""

@@ -31,7 +31,7 @@ from .deadletter import parse_record
 
 __all__ = ["RedisDeadLetter", "DEFAULT_KEY"]
 
-logger = logging.getLogger("xo_webhooks.deadletter")
+logger = logging.getLogger(__name__)
 
 DEFAULT_KEY = "xo-webhooks:dead-letter"
 #: Seconds to connect or wait for an answer. A publisher appends on the request path

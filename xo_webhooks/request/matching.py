@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from functools import cache, lru_cache
 
-from .config import Hook
+from ..config import Hook
 
 __all__ = ["HookTable"]
 

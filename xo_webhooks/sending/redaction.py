@@ -1,53 +1,15 @@
-"""Hook payloads: what the Xen Orchestra plugin sends, field by field.
-
-The request thread only assembles a small dict (:func:`pre_payload`,
-:func:`post_payload`); redaction and serialisation (:func:`redact_payload`,
-:func:`serialize`) run later, on a delivery thread.
-"""
+"""Redaction: secrets in params, results and error data replaced by ``"***"`` before a
+hook leaves the process (or is written as a dead letter)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
-from . import formats
-from .jsonrpc import Outcome
-
-__all__ = ["pre_payload", "post_payload", "redact", "redact_payload", "serialize", "REDACTED"]
+__all__ = ["redact", "redact_payload", "REDACTED"]
 
 REDACTED = "***"
-User = tuple[Optional[str], Optional[str]]
-
-
-def pre_payload(
-    call_id: str, user: User, method: str, params: Any, timestamp: int
-) -> dict[str, Any]:
-    """The payload of a ``pre`` hook; *timestamp* is the call's start in epoch ms."""
-    return {
-        "type": "pre",
-        "callId": call_id,
-        "userId": user[0],
-        "userName": user[1],
-        "method": method,
-        "params": params,
-        "timestamp": timestamp,
-    }
-
-
-def post_payload(
-    call_id: str, user: User, method: str, params: Any, start: int, end: int, outcome: Outcome
-) -> dict[str, Any]:
-    """The payload of a ``post`` hook; *start* and *end* are epoch ms."""
-    payload = pre_payload(call_id, user, method, params, end)
-    payload["type"] = "post"
-    payload["duration"] = max(0, end - start)
-    if outcome.error is not None:
-        payload["error"] = outcome.error
-    else:
-        payload["result"] = outcome.result
-    return payload
 
 
 def redact(value: Any, words: Iterable[str]) -> Any:
@@ -96,9 +58,3 @@ def redact_payload(payload: dict[str, Any], words: Iterable[str]) -> dict[str, A
     if isinstance(error, dict) and "data" in error:
         payload["error"] = {**error, "data": redact(error["data"], words)}
     return payload
-
-
-def serialize(payload: dict[str, Any], fmt: str = "json") -> bytes:
-    """Format *payload* as *fmt* and serialise it into the bytes of a request body."""
-    body = formats.render(payload, fmt)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

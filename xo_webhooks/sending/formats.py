@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["FORMATS", "render"]
+__all__ = ["FORMATS", "render", "serialize"]
 
 FORMATS = ("json", "office365", "slack")
 
@@ -41,6 +41,12 @@ def render(payload: dict[str, Any], fmt: str = "json") -> Any:
     if fmt == "slack":
         return _slack(payload)
     raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+
+
+def serialize(payload: dict[str, Any], fmt: str = "json") -> bytes:
+    """Format *payload* as *fmt* and serialise it into the bytes of a request body."""
+    body = render(payload, fmt)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _summary(payload: dict[str, Any]) -> str:

@@ -34,7 +34,6 @@ class Recorder(Generic[T]):
         self._limit = limit
         self._cond = threading.Condition()
         self._waiting: list[T] = []
-        self._busy = False
         self._thread: threading.Thread | None = None
         self._closed = False
 

@@ -19,19 +19,17 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from .config import Settings
-from .deadletter import DeadLetterStore, open_dead_letter
-from .delivery import Attempt, Delivery, Sender, backoff_delay
+from ..config import Settings
+from .delivery import Delivery, Sender
+from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
 
-__all__ = ["Dispatcher", "ThreadDispatcher", "STAT_NAMES"]
+__all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 
-logger = logging.getLogger("xo_webhooks")
+logger = logging.getLogger(__name__)
 
-STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
-GiveUpHandler = Callable[[list[Delivery]], None]
 
 
 def _left(deadline: float) -> float:
@@ -63,16 +61,16 @@ def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
     if dispatcher is not None:
         dispatcher._reset()
         dispatcher.sender.reset()
-        dispatcher._dead_letter = dispatcher._open_dead_letter()  # its lock may be held
+        dispatcher.dead_letters.reopen()  # its lock may be held
 
 
 class ThreadDispatcher:
     """Delivers hooks from ``settings.max_workers`` threads.
 
-    :param settings: retries, backoff, queue size, dead-letter file, timeouts.
+    :param settings: retries, backoff, queue size, dead-letter store, timeouts.
     :param sender: the transport (a :class:`Sender` by default).
-    :param on_give_up: called with the deliveries given up on, instead of writing them
-        to the dead-letter file (``xo-webhooks replay`` collects them this way).
+    :param dead_letters: where hooks given up on go (by default the configured store;
+        ``xo-webhooks replay`` collects them with its own).
     """
 
     def __init__(
@@ -80,21 +78,16 @@ class ThreadDispatcher:
         settings: Settings,
         *,
         sender: Sender | None = None,
-        on_give_up: GiveUpHandler | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.settings = settings
         self.sender = sender or Sender(settings)
-        self._on_give_up = on_give_up
-        self._dead_letter = self._open_dead_letter()
-        self._last_lost_log = 0.0
+        self.policy = RetryPolicy.from_settings(settings)
+        self.dead_letters = dead_letters or DeadLetters(settings)
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
         # the parent process will deliver itself.
         os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
-
-    def _open_dead_letter(self) -> DeadLetterStore | None:
-        target = self.settings.dead_letter
-        return open_dead_letter(target) if target else None
 
     def _reset(self) -> None:
         lock = threading.Lock()
@@ -111,7 +104,9 @@ class ThreadDispatcher:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._closed = False
-        self._recorder = Recorder(self._record, self._count_given_up, self.settings.queue_size)
+        self._recorder = Recorder(
+            self.dead_letters.keep, self._count_given_up, self.settings.queue_size
+        )
 
     # -- the caller's side ------------------------------------------------------------
 
@@ -252,18 +247,11 @@ class ThreadDispatcher:
                 self._in_flight -= 1
                 self._finish(delivery)
             return
-        delivery.last_error = attempt.error
-        logger.warning(
-            "hook %s failed (attempt %d): %s", delivery.describe(), delivery.attempts, attempt.error
-        )
+        delivery.failed(attempt)
+        delay = self.policy.next_delay(delivery.attempts, attempt)
         with self._cond:
-            if (
-                attempt.retryable
-                and delivery.attempts <= self.settings.retries
-                and not self._closed
-            ):
+            if delay is not None and not self._closed:
                 self._start_workers()
-                delay = backoff_delay(delivery.attempts, self.settings.backoff, attempt.retry_after)
                 heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), delivery))
                 self._in_flight -= 1
                 self._cond.notify()
@@ -288,7 +276,7 @@ class ThreadDispatcher:
         """Have deliveries counted in ``_in_flight`` recorded as failed: by the recorder
         thread, or here once it is closed or too far behind."""
         if deliveries and not self._recorder.put(deliveries):
-            self._count_given_up(deliveries, self._record(deliveries))
+            self._count_given_up(deliveries, self.dead_letters.keep(deliveries))
 
     def _count_given_up(self, deliveries: list[Delivery], written: bool) -> None:
         with self._cond:
@@ -298,35 +286,14 @@ class ThreadDispatcher:
             for delivery in deliveries:
                 self._finish(delivery)
 
-    def _record(self, deliveries: list[Delivery]) -> bool:
-        """Hand given-up deliveries to the handler or the dead-letter file; say whether
-        they were kept."""
-        try:
-            for delivery in deliveries:
-                if delivery.body is None:  # never attempted: redact before it is written
-                    delivery.prepare(self.settings.redact)
-            if self._on_give_up is not None:
-                self._on_give_up(deliveries)
-                return True
-            if self._dead_letter is not None:
-                self._dead_letter.append(d.to_record() for d in deliveries)
-                return True
-        except Exception:
-            logger.exception("could not write %d hook(s) to the dead-letter file", len(deliveries))
-        self._log_lost(deliveries)
-        return False
-
-    def _log_lost(self, deliveries: list[Delivery]) -> None:
-        now = time.monotonic()
-        if now - self._last_lost_log < 10:  # rate-limited: a dead receiver floods otherwise
-            return
-        self._last_lost_log = now
-        first = deliveries[0]
-        logger.error(
-            "lost %d hook(s) (set XO_WEBHOOKS_DEAD_LETTER to keep them), e.g. %s: %s; "
-            "see stats() for the count",
-            len(deliveries), first.describe(), first.last_error,
-        )  # fmt: skip
-
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"
+
+
+def make_dispatcher(settings: Settings) -> Dispatcher:
+    """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
+    if settings.dispatcher == "celery":  # imported only when asked: an optional extra
+        from .celery import CeleryDispatcher
+
+        return CeleryDispatcher(settings)
+    return ThreadDispatcher(settings)

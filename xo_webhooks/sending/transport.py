@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import http.client
 import io
-import re
 import select
 import socket
 import ssl
@@ -27,7 +26,9 @@ from typing import Any
 
 import certifi
 
-__all__ = ["Transport", "Route", "MAX_RESPONSE", "mask_url"]
+from .._urls import mask_url, parse_http_url
+
+__all__ = ["Transport", "Route", "MAX_RESPONSE"]
 
 MAX_RESPONSE = 64 * 1024  # bytes of a receiver's answer read; a longer one ends the connection
 
@@ -60,18 +61,14 @@ class Route:
     def of(cls, url: str, proxies: dict[str, str]) -> Route:
         """The route to *url*, through the proxy *proxies* name for it (as returned by
         :func:`urllib.request.getproxies`), unless ``NO_PROXY`` exempts its host."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        https = parts.scheme == "https"
-        port = parts.port or (443 if https else 80)
-        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        origin = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        host = origin if port == (443 if https else 80) else f"{origin}:{port}"
-        proxy = proxies.get(parts.scheme)
-        if not proxy or urllib.request.proxy_bypass(parts.hostname):
-            key: tuple[object, ...] = ("direct", https, parts.hostname, port)
-            return cls(key, https, parts.hostname, port, path, host)
+        parts = parse_http_url(url)
+        https, port = parts.https, parts.port
+        origin = parts.host if ":" not in parts.host else f"[{parts.host}]"
+        host = origin if parts.default_port else f"{origin}:{port}"
+        proxy = proxies.get("https" if https else "http")
+        if not proxy or urllib.request.proxy_bypass(parts.host):
+            key: tuple[object, ...] = ("direct", https, parts.host, port)
+            return cls(key, https, parts.host, port, parts.target, host)
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         if via.scheme != "http" or not via.hostname:
             raise ValueError(f"only http:// proxies are supported, not {mask_url(proxy)!r}")
@@ -81,10 +78,10 @@ class Route:
             login = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
             headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
         proxy_port = via.port or 80
-        key = ("proxy", via.hostname, proxy_port, https, parts.hostname, port)
+        key = ("proxy", via.hostname, proxy_port, https, parts.host, port)
         if https:  # TLS to the origin, inside a CONNECT tunnel
-            tunnel = (parts.hostname, port)
-            return cls(key, True, via.hostname, proxy_port, path, host, tunnel, headers)
+            tunnel = (parts.host, port)
+            return cls(key, True, via.hostname, proxy_port, parts.target, host, tunnel, headers)
         return cls(key, False, via.hostname, proxy_port, url, host, None, headers)
 
 
@@ -206,11 +203,6 @@ class Transport:
         if response.will_close or not response.isclosed():
             connection.close()
         return response.status, response.getheader("Retry-After")
-
-
-def mask_url(text: str) -> str:
-    """*text* with the password of any URL in it replaced by ``***``."""
-    return re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
 
 
 def _remaining(deadline: float) -> float:

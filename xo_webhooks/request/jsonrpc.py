@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .._text import STRICT_JSON
+
 __all__ = ["Call", "Outcome", "parse_calls", "parse_outcomes", "outcome_key", "internal_error"]
 
 INTERNAL_ERROR = -32603
@@ -45,17 +47,8 @@ def internal_error(message: str) -> Outcome:
     return Outcome(error={"code": INTERNAL_ERROR, "message": message})
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Strict JSON: NaN and Infinity are not JSON, and could not be sent on in a hook. Built
-# once: json.loads(..., parse_constant=...) would build a decoder on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
 def _loads(body: bytes) -> Any:
-    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    return STRICT_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def parse_calls(body: bytes) -> list[Call] | None:

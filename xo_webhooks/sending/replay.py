@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings
-from .deadletter import open_dead_letter
+from ..config import Settings
 from .delivery import Delivery
 from .dispatcher import ThreadDispatcher
+from .policy import DeadLetters, open_dead_letter
 
 __all__ = ["ReplayReport", "replay"]
 
@@ -34,10 +34,8 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     """
     store = open_dead_letter(target)
     failed: list[dict[str, Any]] = []
-    dispatcher = ThreadDispatcher(
-        dataclasses.replace(settings, dead_letter=None),
-        on_give_up=lambda deliveries: failed.extend(d.to_record() for d in deliveries),
-    )
+    still_failing = DeadLetters(settings, store=_Collector(failed))
+    dispatcher = ThreadDispatcher(settings, dead_letters=still_failing)
     with store.taken() as records:
         for record in records:
             dispatcher.submit(Delivery.from_record(record, settings))
@@ -45,3 +43,13 @@ def replay(target: str, settings: Settings) -> ReplayReport:
         dispatcher.close(0)
         store.append(failed)
     return ReplayReport(read=len(records), delivered=len(records) - len(failed), failed=len(failed))
+
+
+class _Collector:
+    """Collects the records of hooks that failed again, to append them back at the end."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        self.records.extend(records)

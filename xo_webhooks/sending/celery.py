@@ -1,0 +1,404 @@
+"""Durable delivery on Celery with a Redis broker (``XO_WEBHOOKS_DISPATCHER=celery``).
+
+The request path only publishes one message per hook (:class:`CeleryDispatcher`);
+Celery workers deliver them with the same payloads, formats, signing, timeouts and
+retry schedule as the thread dispatcher, configured from the same ``XO_WEBHOOKS_*``
+variables::
+
+    XO_WEBHOOKS_BROKER_URL=redis://127.0.0.1:6379/0 \\
+    XO_WEBHOOKS_HOOKS='[...]' XO_WEBHOOKS_DEAD_LETTER=redis://127.0.0.1:6379/0 \\
+        celery -A xo_webhooks.celery worker
+
+A message is a dead-letter record in flight: the delivery id (the ``webhook-id``, the
+same on every attempt and redelivery), the URL, the format, the redacted payload, the
+attempts so far. It never holds a secret or a header: the worker takes both from its
+own configuration, from the hook with that URL, else the global secret.
+
+At least once: messages are acknowledged after delivery and redelivered when a worker
+dies (:data:`VISIBILITY_TIMEOUT`). Ordering: a post hook whose pre hook (same call,
+same URL) is still on its way waits for it, polling a marker the pre's worker sets in
+Redis, for at most the pre's whole retry schedule (see :meth:`Worker.hold_limit`).
+
+Needs the ``celery`` extra; the base install never imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.exceptions import Retry
+from kombu import pools
+from kombu.exceptions import EncodeError
+
+from .._text import describe_error
+from ..config import Settings
+from .delivery import Delivery, Sender
+from .policy import STAT_NAMES, DeadLetters, RetryPolicy
+
+__all__ = [
+    "CeleryDispatcher",
+    "Worker",
+    "celery_app",
+    "TASK_NAME",
+    "QUEUE",
+    "VISIBILITY_TIMEOUT",
+]
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME = "xo_webhooks.deliver"
+QUEUE = "xo-webhooks"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: Seconds before a message a worker took but never acknowledged (it was killed) is
+#: given to another worker. Longer than the longest wait a worker holds a message for
+#: (a retry's countdown, at most ``policy.MAX_DELAY`` = 60 s, plus one attempt), short enough
+#: for a redelivery within 2 minutes. A message held longer is delivered twice.
+VISIBILITY_TIMEOUT = 90
+#: Seconds between a worker's sweeps for such messages (kombu's default is 100).
+RESTORE_INTERVAL = 5
+#: Seconds the request path waits to connect to the broker, and for its answer.
+PUBLISH_TIMEOUT = 0.2
+#: After a failed publish, seconds during which hooks are dead-lettered at once.
+BROKER_DOWN_SECONDS = 1.0
+#: Marks a delivered or given-up pre hook, for its post hook (``SET ... EX``).
+PRE_DONE_KEY = "xo-webhooks:pre-done:{}"
+PRE_DONE_TTL = 3600
+HOLD_FIRST_POLL, HOLD_MAX_POLL = 0.1, 5.0  # seconds between a held post's checks
+
+
+def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
+    """A Celery app for *settings*: the workers' (``publisher=False``, with the
+    delivery task) or the request path's (short broker timeouts, no publish retry).
+
+    :param settings: the broker URL, and for workers the whole delivery configuration.
+    :param publisher: build the app that only publishes.
+    """
+    app = Celery("xo_webhooks", set_as_current=not publisher)
+    socket_timeout = PUBLISH_TIMEOUT if publisher else 10.0
+    # kombu retries a failed connect until broker_connection_timeout, first after 2 s:
+    # the request path tries once.
+    retries = {"max_retries": 0} if publisher else {}
+    app.conf.update(
+        broker_url=settings.broker_url or DEFAULT_BROKER_URL,
+        broker_connection_timeout=socket_timeout,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "unacked_restore_interval": RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,  # sweep every interval, not every tenth
+            "unacked_mutex_expire": 60,  # a sweeper killed mid-sweep blocks no longer
+            "socket_connect_timeout": socket_timeout,
+            "socket_timeout": socket_timeout,
+            **retries,
+        },
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # The request path never waits for a broker that is down: the hook is
+        # dead-lettered instead. A worker's retry publish may wait a little.
+        task_publish_retry=not publisher,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_max": 1},
+    )
+    if not publisher:
+        worker = Worker(settings)
+
+        @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
+        def deliver(task: Task, message: dict[str, Any]) -> str:
+            """Deliver one hook message: ``"delivered"``, ``"failed"``, or a retry."""
+            return worker.run(task, message)
+
+    return app
+
+
+class Worker:
+    """The worker side: turns a message back into a :class:`Delivery`, sends it, and
+    retries, holds or dead-letters it. Connections open lazily, in the process (a
+    prefork child) that delivers.
+
+    :param settings: the worker's configuration (from its ``XO_WEBHOOKS_*`` variables).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sender = Sender(settings)
+        self.policy = RetryPolicy.from_settings(settings)
+        self.dead_letters = DeadLetters(settings)
+        self._markers: redis.Redis | None = None
+
+    @property
+    def hold_limit(self) -> float:
+        """Seconds a post hook waits for its pre hook at most: the pre's whole retry
+        schedule (every attempt timing out, every wait at the cap), plus one redelivery."""
+        schedule = self.policy.longest_schedule(self.settings.timeout)
+        return schedule + VISIBILITY_TIMEOUT + RESTORE_INTERVAL
+
+    @property
+    def markers(self) -> redis.Redis:
+        if self._markers is None:
+            url = self.settings.broker_url or DEFAULT_BROKER_URL
+            self._markers = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        return self._markers
+
+    def delivery(self, message: dict[str, Any]) -> Delivery:
+        """The delivery a message stands for, with the secret and headers configured
+        here for its URL (else the global secret)."""
+        return Delivery.from_record(message, self.settings, int(message.get("attempts", 0)))
+
+    def run(self, task: Task, message: dict[str, Any]) -> str:
+        """Hold, send, then finish or retry one message (the body of the task)."""
+        delivery = self.delivery(message)
+        if message.get("after"):
+            self._hold(task, message, delivery)
+        attempt = self.sender.send(delivery)
+        if attempt.delivered:
+            self._done(delivery)
+            return "delivered"
+        delivery.failed(attempt)
+        delay = self.policy.next_delay(delivery.attempts, attempt)
+        if delay is not None:
+            # No "after" any more: the pre hook was done, or waited for long enough.
+            again = delivery.to_message()
+            try:
+                raise task.retry(
+                    args=(), kwargs={"message": again}, kwargsrepr=_summary(again), countdown=delay
+                )
+            except Retry:
+                raise
+            except Exception as e:  # the broker is gone: keep the hook all the same
+                delivery.last_error = f"{attempt.error}; could not queue the retry: {e}"[:300]
+        self._give_up(delivery)
+        return "failed"
+
+    def _hold(self, task: Task, message: dict[str, Any], delivery: Delivery) -> None:
+        """Retry a post hook shortly while its pre hook is not done, up to the limit."""
+        keys = [PRE_DONE_KEY.format(pre_id) for pre_id in message["after"]]
+        try:
+            if self.markers.exists(*keys) == len(keys):
+                return
+        except redis.RedisError:
+            logger.warning("could not check whether the pre hook is done", exc_info=True)
+        now = time.time()
+        until = float(message.get("holdUntil") or now + self.hold_limit)
+        if now >= until:
+            logger.warning("hook %s sent although its pre hook is not done", delivery.describe())
+            return
+        holds = int(message.get("holds", 0))
+        again = {**message, "holdUntil": until, "holds": holds + 1}
+        countdown = min(HOLD_MAX_POLL, HOLD_FIRST_POLL * 2**holds)
+        try:
+            raise task.retry(
+                args=(), kwargs={"message": again}, kwargsrepr=_summary(again), countdown=countdown
+            )
+        except Retry:
+            raise
+        except Exception:  # the broker is gone: deliver now rather than lose the hook
+            logger.warning("could not hold a post hook; sending it now", exc_info=True)
+
+    def _done(self, delivery: Delivery) -> None:
+        """A delivery is finished: if it is a pre hook, let its post hook go."""
+        if not delivery.is_pre:
+            return
+        try:
+            self.markers.set(PRE_DONE_KEY.format(delivery.id), b"1", ex=PRE_DONE_TTL)
+        except redis.RedisError:
+            logger.warning("could not mark pre hook %s as done", delivery.id, exc_info=True)
+
+    def _give_up(self, delivery: Delivery) -> None:
+        self.dead_letters.keep([delivery])
+        self._done(delivery)
+
+
+class CeleryDispatcher:
+    """Publishes one Celery message per hook; workers deliver them.
+
+    :param settings: the broker URL, redaction words, dead-letter target, and for
+        ``waitForResponse`` pre hooks the timeout and retry schedule.
+    :param app: the Celery app to publish with (by default one built from *settings*
+        on first use, in the process that publishes).
+
+    ``stats()`` counts in this process: ``published`` is the hooks handed to the broker
+    (their fate is the workers'), so ``accepted == delivered + published + failed +
+    pending``; ``delivered`` counts only ``waitForResponse`` first attempts, and
+    ``failed`` the hooks that could not be published (dead-lettered or lost).
+    """
+
+    def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.sender = Sender(settings)
+        self.policy = RetryPolicy.from_settings(settings)
+        self.dead_letters = DeadLetters(settings)
+        self._given_app = app
+        self._reset()
+        # A forked child (gunicorn --preload) must not share the parent's broker
+        # connections: start afresh, as kombu itself does in multiprocessing children.
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:
+            dispatcher = ref()
+            if dispatcher is not None:
+                dispatcher._reset()
+                pools.connections.clear()
+                pools.producers.clear()
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._app = self._given_app
+        self._counters: Counter[str] = Counter()
+        self._in_flight = 0
+        # (callId, url) -> ids of the published pre hooks its post hooks wait for
+        self._pres: OrderedDict[tuple[Any, str], list[str]] = OrderedDict()
+        self._down_until = 0.0
+        self._last_lost_log = 0.0
+        self._closed = False
+
+    def submit(self, delivery: Delivery) -> None:
+        """Publish *delivery*; on failure dead-letter it. Never raises; waits at most
+        about :data:`PUBLISH_TIMEOUT` twice (connect, answer) for the broker."""
+        self._accept()
+        self._hand_over(delivery)
+
+    def deliver_now(self, delivery: Delivery) -> bool:
+        """Make the first attempt in this thread (``waitForResponse``), then publish the
+        retry, if any, for the workers. Returns whether it was delivered."""
+        self._accept()
+        attempt = self.sender.send(delivery)
+        if attempt.delivered:
+            with self._cond:
+                self._counters["delivered"] += 1
+                self._release(1)
+            return True
+        delivery.failed(attempt)
+        delay = self.policy.next_delay(delivery.attempts, attempt)
+        if delay is not None:
+            self._hand_over(delivery, countdown=delay)
+        else:
+            self._give_up(delivery)
+        return False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no publish is under way (delivery itself is the workers' job)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for publishes under way; later hooks are dead-lettered. Safe to call
+        twice. The broker connections stay in kombu's process-wide pool, which every
+        app with the same broker URL and options shares (closing them here would break
+        the others); they close at exit."""
+        self.flush(self.settings.shutdown_timeout if timeout is None else timeout)
+        with self._cond:
+            self._closed = True
+            app, self._app = self._app, self._given_app
+        if app is not None and app is not self._given_app:
+            app.close()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start, in this process (see the class docstring)."""
+        with self._cond:
+            counters = {name: self._counters[name] for name in (*STAT_NAMES, "published")}
+            counters["pending"] = self._in_flight
+        return counters
+
+    # -- internals --------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        with self._cond:
+            self._counters["accepted"] += 1
+            self._in_flight += 1
+
+    def _release(self, count: int) -> None:
+        """Drop *count* deliveries from the in-flight ones. Holds the lock."""
+        self._in_flight -= count
+        if self._in_flight == 0:
+            self._cond.notify_all()
+
+    def _celery(self) -> Celery:
+        with self._cond:
+            if self._app is None:
+                self._app = celery_app(self.settings, publisher=True)
+            return self._app
+
+    def _hand_over(self, delivery: Delivery, countdown: float | None = None) -> None:
+        """Publish, or give up on, an accepted delivery; never raises."""
+        try:
+            delivery.redact(self.settings.redact)
+            self._publish(delivery, countdown)
+        except Exception as e:  # the middleware's own failure never reaches the app
+            logger.exception("could not publish a hook")
+            delivery.last_error = f"could not publish: {type(e).__name__}"
+            self._give_up(delivery)
+
+    def _publish(self, delivery: Delivery, countdown: float | None = None) -> None:
+        """Publish *delivery* for the workers, or give it up; it leaves the in-flight ones."""
+        key = delivery.order_key
+        message = delivery.to_message()
+        with self._cond:
+            if not delivery.is_pre and key in self._pres:
+                message["after"] = list(self._pres[key])
+            error = "dispatcher closed" if self._closed else None
+            if error is None and time.monotonic() < self._down_until:
+                error = "broker unreachable (a publish failed less than a second ago)"
+        if error is None:
+            try:
+                self._celery().send_task(
+                    TASK_NAME,
+                    kwargs={"message": message},
+                    kwargsrepr=_summary(message),
+                    countdown=countdown,
+                    retry=False,
+                )
+            except EncodeError as e:  # this payload's fault, not the broker's
+                error = f"cannot encode the payload: {type(e).__name__}"
+            except Exception as e:
+                self._down_until = time.monotonic() + BROKER_DOWN_SECONDS
+                error = f"could not publish to the broker: {describe_error(e, limit=270)}"
+        if error is not None:
+            if delivery.last_error is not None:  # a waitForResponse attempt failed first
+                error = f"{delivery.last_error}; {error}"
+            delivery.last_error = error
+            self._give_up(delivery)
+            return
+        with self._cond:
+            self._counters["published"] += 1
+            if delivery.is_pre:
+                self._pres.setdefault(key, []).append(delivery.id)
+                self._pres.move_to_end(key)
+                if len(self._pres) > self.settings.queue_size:
+                    self._pres.popitem(last=False)
+            self._release(1)
+
+    def _give_up(self, delivery: Delivery) -> None:
+        """Dead-letter (else count as lost) an accepted delivery."""
+        kept = self.dead_letters.keep([delivery])
+        with self._cond:
+            self._counters["failed"] += 1
+            self._counters["dead_lettered" if kept else "lost"] += 1
+            self._release(1)
+
+    def __repr__(self) -> str:
+        return f"<CeleryDispatcher {self.stats()}>"
+
+
+def _summary(message: dict[str, Any]) -> str:
+    """What Celery logs and shows of a message (its ``kwargsrepr``): by default a repr
+    of the whole payload, costly to build on the request path and sent twice."""
+    payload = message["payload"]
+    return (
+        f"{{'message': '{payload.get('method')} {payload.get('type')} "
+        f"call {payload.get('callId')} {message['id']} attempts {message['attempts']}'}}"
+    )

@@ -1,0 +1,226 @@
+"""The delivery policy: what an answer means, when to try again, and where a hook that
+is given up on goes.
+
+Decided here once and asked by every sender of hooks: the thread dispatcher, the
+Celery dispatcher and worker, and ``xo-webhooks replay``. As with urllib3's ``Retry``,
+callers never re-derive a decision:
+
+- :func:`judge_answer` and :func:`judge_failure` turn one attempt's HTTP answer (or
+  the exception that replaced it) into an :class:`Attempt`: delivered, worth a retry,
+  or final;
+- :meth:`RetryPolicy.next_delay` says how long to wait before the next attempt, or
+  that there is none;
+- :class:`DeadLetters` keeps the hooks given up on (the configured store, else they
+  are counted lost) and logs it, rate-limited.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._text import describe_error
+from .deadletter import DeadLetterFile, DeadLetterStore
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .delivery import Delivery
+
+__all__ = [
+    "Attempt",
+    "RetryPolicy",
+    "DeadLetters",
+    "judge_answer",
+    "judge_failure",
+    "parse_retry_after",
+    "open_dead_letter",
+    "MAX_DELAY",
+    "RETRY_STATUSES",
+    "STAT_NAMES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds: the cap of the backoff and of a receiver's ``Retry-After``.
+MAX_DELAY = 60.0
+#: Answers other than 5xx that are worth another attempt: Request Timeout, Too Many
+#: Requests. Every other non-2xx answer (3xx included: redirects are never followed) is
+#: final.
+RETRY_STATUSES = frozenset({408, 429})
+#: The counters of a dispatcher's ``stats()``: every hook accepted is delivered,
+#: failed (dead-lettered or lost) or still pending.
+STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
+#: Seconds between two log lines about hooks given up on, of each kind (kept, lost): a
+#: receiver that is down would otherwise write one line per hook.
+LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The result of one attempt: delivered, or failed and maybe worth retrying.
+
+    :param delivered: the receiver answered 2xx.
+    :param error: why it failed, for logs and the dead-letter record.
+    :param retryable: another attempt may succeed.
+    :param retry_after: seconds the receiver asked to wait (``Retry-After``), capped.
+    :param status: the HTTP status, when there was an answer.
+    """
+
+    delivered: bool
+    error: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    status: int | None = None
+
+
+def judge_answer(status: int, retry_after: str | None = None) -> Attempt:
+    """What the receiver's answer means: 2xx delivered; 5xx, 408 and 429 worth a retry
+    (after *retry_after*, the ``Retry-After`` header, when given); anything else final."""
+    if 200 <= status < 300:
+        return Attempt(True, status=status)
+    error = f"HTTP {status}"
+    if status >= 500 or status in RETRY_STATUSES:
+        return Attempt(False, error, True, parse_retry_after(retry_after), status)
+    return Attempt(False, error, status=status)
+
+
+def judge_failure(error: Exception, timeout: float) -> Attempt:
+    """What an attempt that got no answer means: a timeout or a failed connection
+    (refused, reset, TLS, not HTTP) is worth a retry; anything else (a URL or a proxy
+    that cannot be used, a payload that cannot be encoded) is final."""
+    if isinstance(error, TimeoutError):
+        return Attempt(False, f"timed out after {timeout:g} s", retryable=True)
+    if isinstance(error, (OSError, http.client.HTTPException)):
+        return Attempt(False, f"connection failed: {describe_error(error)}", retryable=True)
+    return Attempt(False, f"request failed: {describe_error(error)}")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped
+    at :data:`MAX_DELAY`; ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):  # not isdigit(): "²" is a digit to it
+        return min(float(value), MAX_DELAY)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when.timestamp() - time.time()), MAX_DELAY)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a failed hook again.
+
+    :param retries: attempts after the first one, at most.
+    :param backoff: seconds before the first retry; each next wait doubles, with
+        jitter, up to :data:`MAX_DELAY`.
+    """
+
+    retries: int
+    backoff: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """The policy of ``XO_WEBHOOKS_RETRIES`` and ``XO_WEBHOOKS_BACKOFF``."""
+        return cls(settings.retries, settings.backoff)
+
+    def next_delay(self, attempts: int, attempt: Attempt) -> float | None:
+        """Seconds before the next attempt after *attempts* made ones, the last of which
+        was *attempt*; ``None`` when the hook is delivered or given up on.
+
+        Exponential with jitter (between half and all of ``backoff * 2 ** (attempts -
+        1)``), capped; a receiver's ``Retry-After`` wins when it gives one.
+        """
+        if attempt.delivered or not attempt.retryable or attempts > self.retries:
+            return None
+        if attempt.retry_after is not None:
+            return attempt.retry_after
+        ceiling = min(MAX_DELAY, self.backoff * 2 ** max(0, attempts - 1))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def longest_schedule(self, timeout: float) -> float:
+        """Seconds the whole schedule can last: every attempt timing out, every wait at
+        the cap."""
+        return (self.retries + 1) * timeout + self.retries * MAX_DELAY
+
+
+def open_dead_letter(target: str) -> DeadLetterStore:
+    """The store for *target*: a ``redis://`` URL (needs the ``celery`` extra) or a path."""
+    if target.startswith(("redis://", "rediss://")):
+        from .deadletter_redis import RedisDeadLetter  # only with the celery extra
+
+        return RedisDeadLetter(target)
+    return DeadLetterFile(target)
+
+
+class RecordWriter(Protocol):
+    """What :class:`DeadLetters` writes to: a :class:`DeadLetterStore`, or a collector."""
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None: ...
+
+
+class DeadLetters:
+    """Keeps the hooks given up on: redacted, as dead-letter records, in the store.
+
+    :param settings: ``dead_letter`` (the store's file or URL; none: hooks given up on
+        are lost, and counted so) and ``redact``.
+    :param store: a store to use instead of the configured one (``replay`` collects
+        what still fails this way).
+    """
+
+    def __init__(self, settings: Settings, store: RecordWriter | None = None) -> None:
+        self._target = settings.dead_letter
+        self._redact = settings.redact
+        self._given = store
+        self.store: RecordWriter | None = store
+        self.reopen()
+        self._lock = threading.Lock()
+        self._last_log = {"kept": 0.0, "lost": 0.0}
+
+    def reopen(self) -> None:
+        """Open the store afresh (in a child process after a fork: a lock may be held)."""
+        if self._given is None:
+            self.store = open_dead_letter(self._target) if self._target else None
+
+    def keep(self, deliveries: Sequence[Delivery]) -> bool:
+        """Write *deliveries* to the store; return whether they were kept. Never raises:
+        a failure is logged and the hooks are lost."""
+        if not deliveries:
+            return True
+        reason = "XO_WEBHOOKS_DEAD_LETTER is not set"
+        if self.store is not None:
+            try:
+                for delivery in deliveries:
+                    delivery.redact(self._redact)  # nothing unredacted reaches the disk
+                self.store.append(d.to_record() for d in deliveries)
+            except Exception as e:
+                reason = f"the dead-letter store failed: {describe_error(e)}"
+            else:
+                self._log("kept", deliveries, f"written to {self.store!r}")
+                return True
+        self._log("lost", deliveries, f"lost ({reason}); see stats() for the count")
+        return False
+
+    def _log(self, kind: str, deliveries: Sequence[Delivery], outcome: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_log[kind] < LOG_INTERVAL:
+                return
+            self._last_log[kind] = now
+        first = deliveries[0]
+        logger.log(
+            logging.WARNING if kind == "kept" else logging.ERROR,
+            "gave up on %d hook(s), e.g. %s: %s; %s",
+            len(deliveries), first.describe(), first.last_error, outcome,
+        )  # fmt: skip
