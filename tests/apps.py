@@ -56,3 +56,24 @@ def create_app() -> Flask:
         )
 
     return app
+
+
+# -- plain WSGI apps, for the request path's own tests -------------------------------
+
+CALL = {"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"id": "vm-1"}}
+RESULT = b'{"jsonrpc": "2.0", "id": 1, "result": "ok"}'
+
+
+def plain_app(environ, start_response):
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [RESULT]
+
+
+def late_start_app(environ, start_response):
+    def body():  # start_response is only called at the first next()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        yield RESULT[:10]
+        yield RESULT[10:]
+
+    return body()

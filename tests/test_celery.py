@@ -34,6 +34,7 @@ from xo_webhooks.sending.replay import replay
 from xo_webhooks.signing import verify
 
 from .apps import create_app
+from .helpers import assert_ledger
 from .waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -232,13 +233,6 @@ def assert_pre_before_post(received: list[Any]) -> None:
         first.setdefault((h.payload["callId"], h.payload["type"]), number)
     late = [c for (c, kind), n in first.items() if kind == "post" and first[(c, "pre")] > n]
     assert not late, f"{len(late)} post hook(s) arrived before their pre hook"
-
-
-def assert_ledger(stats: dict[str, int]) -> None:
-    assert stats["accepted"] == (
-        stats["delivered"] + stats["published"] + stats["failed"] + stats["pending"]
-    ), stats
-    assert stats["failed"] == stats["dead_lettered"] + stats["lost"], stats
 
 
 # -- tests --------------------------------------------------------------------------------

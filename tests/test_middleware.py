@@ -12,7 +12,8 @@ from werkzeug.test import EnvironBuilder
 from xo_webhooks import ConfigError, WebhookMiddleware
 from xo_webhooks.schema import validate_payload
 
-from .test_wsgi import CALL, HOOKS, RESULT, RecordingDispatcher, late_start_app, plain_app
+from .apps import CALL, RESULT, late_start_app, plain_app
+from .helpers import HOOKS, RecordingDispatcher
 
 
 def test_call_sends_pre_and_post_with_the_result(webhook_receiver, wrap):

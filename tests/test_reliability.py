@@ -18,12 +18,8 @@ from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.replay import replay
 
 from .apps import create_app
+from .helpers import assert_ledger
 from .waiting import wait_until
-
-
-def assert_ledger(stats):
-    assert stats["accepted"] == stats["delivered"] + stats["failed"] + stats["pending"], stats
-    assert stats["failed"] == stats["dead_lettered"] + stats["lost"], stats
 
 
 def payload(call_id="c1", kind="pre", method="vm.start"):

@@ -183,6 +183,7 @@ def test_load_with_a_flaky_receiver_loses_nothing(gunicorn, webhook_receiver, tm
 
 def test_waitress_serves_the_wrapped_app(webhook_receiver, wrap):
     waitress = pytest.importorskip("waitress")
+    from waitress import wasyncore
     hooks = [{"method": "vm.*", "type": "pre/post", "url": webhook_receiver.url}]
     middleware = wrap(create_app().wsgi_app, hooks=hooks)
     server = waitress.create_server(middleware, host="127.0.0.1", port=0, threads=4)
@@ -192,8 +193,12 @@ def test_waitress_serves_the_wrapped_app(webhook_receiver, wrap):
         url = f"http://127.0.0.1:{server.effective_port}"
         answers = call_many(url, 20)
     finally:
-        server.close()
+        # Close every channel from the loop's own thread: closing the server from this
+        # one races its select() (EBADF in waitress's loop); the loop ends with no channel.
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
         thread.join(10)
+        server.task_dispatcher.shutdown()
+    assert not thread.is_alive()
     assert all(a["result"]["power_state"] == "Running" for a in answers.values())
     hooks_received = webhook_receiver.wait_for(40)
     assert {(h.payload["params"]["id"], h.payload["type"]) for h in hooks_received} == {

@@ -18,35 +18,8 @@ from werkzeug.test import Client, EnvironBuilder
 from xo_webhooks import WebhookMiddleware
 from xo_webhooks.request.wsgi import read_body
 
-CALL = {"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"id": "vm-1"}}
-RESULT = b'{"jsonrpc": "2.0", "id": 1, "result": "ok"}'
-HOOKS = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
-
-
-class RecordingDispatcher:
-    """Keeps what the middleware hands over instead of sending it."""
-
-    def __init__(self):
-        self.deliveries = []
-
-    def submit(self, delivery):
-        self.deliveries.append(delivery)
-
-    def deliver_now(self, delivery):
-        self.deliveries.append(delivery)
-        return True
-
-    def flush(self, timeout=None):
-        return True
-
-    def close(self, timeout=None):
-        pass
-
-    def stats(self):
-        return {}
-
-    def payloads(self, kind):
-        return [d.payload for d in self.deliveries if d.payload["type"] == kind]
+from .apps import CALL, RESULT, late_start_app, plain_app
+from .helpers import HOOKS, RecordingDispatcher
 
 
 class Closing:
@@ -63,21 +36,6 @@ class Closing:
 
     def close(self):
         self.closed += 1
-
-
-def plain_app(environ, start_response):
-    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-    start_response("200 OK", [("Content-Type", "application/json")])
-    return [RESULT]
-
-
-def late_start_app(environ, start_response):
-    def body():  # start_response is only called at the first next()
-        start_response("200 OK", [("Content-Type", "application/json")])
-        yield RESULT[:10]
-        yield RESULT[10:]
-
-    return body()
 
 
 def write_app(environ, start_response):
