@@ -32,10 +32,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -132,7 +132,7 @@ def run(rounds: int = 7, per_round: int = 2000) -> list[Row]:
         finally:
             thread.close(0)
             celery.close(0)
-        ratio = Spread.of([c / t for c, t in zip(costs["celery"], costs["thread"])])
+        ratio = Spread.of([c / t for c, t in zip(costs["celery"], costs["thread"], strict=True)])
         detail = {"hooks_per_round": per_round, "broker": "redis-server on 127.0.0.1"}
         rows += [
             Row("C1", "thread dispatcher: submit() per hook (enqueue)",

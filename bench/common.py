@@ -13,8 +13,9 @@ import math
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 Runner = Callable[[], float]  # runs one round, returns a rate (operations per second)
 
@@ -99,7 +100,7 @@ def interleaved_rates(
 
 def ratios(numerator: list[float], denominator: list[float]) -> Spread:
     """Round-by-round ratios of two paired series."""
-    return Spread.of([a / b for a, b in zip(numerator, denominator)])
+    return Spread.of([a / b for a, b in zip(numerator, denominator, strict=True)])
 
 
 def timed_rate(count: int, work: Callable[[], None]) -> float:
@@ -163,7 +164,7 @@ def render_table(rows: list[Row]) -> str:
     for n, line in enumerate(lines):
         cells = [
             cell.ljust(w) if i in (0, 1, 5, 6, 7) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths))
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         ]
         out.append("  ".join(cells).rstrip())
         if n == 0:

@@ -94,7 +94,9 @@ def run(rounds: int, receiver_url: str) -> list[Row]:
         per_round = {n: [percentile(r, p) for r in rs] for n, rs in samples.items()}
         rows.append(Row(
             "7", f"p{p} latency over HTTP, receiver taking 2 s: wrapped / bare",
-            Spread.of([w / b for w, b in zip(per_round["wrapped"], per_round["bare"])]),
+            Spread.of([
+                w / b for w, b in zip(per_round["wrapped"], per_round["bare"], strict=True)
+            ]),
             target="<= 1.10",
             detail={"calls_per_round": CALLS_PER_ROUND, "wrapped_stats_at_end": stats},
         ))  # fmt: skip

@@ -77,7 +77,7 @@ def run(rounds: int, round_seconds: float) -> list[Row]:
         ratios(rates["wrapped"], rates["bare"]), target=">= 0.85", detail=_detail(rates, count),
     ))  # fmt: skip
     # The absolute cost per call, for the README; noisy, hence not a target.
-    per_call = [1e6 / w - 1e6 / b for w, b in zip(rates["wrapped"], rates["bare"])]
+    per_call = [1e6 / w - 1e6 / b for w, b in zip(rates["wrapped"], rates["bare"], strict=True)]
     rows.append(Row(
         "2", "  added latency per matching call", Spread.of(per_call), unit="us",
     ))  # fmt: skip

@@ -7,8 +7,8 @@ entry point, as in a consumer project.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from werkzeug.serving import make_server

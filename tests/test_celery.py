@@ -147,7 +147,7 @@ class Workers:
                     env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )  # fmt: skip
-        for name, log in zip(names, logs):
+        for name, log in zip(names, logs, strict=True):
             wait_until(partial(self._ready, name, log), 30, f"worker {name} to be ready")
 
     def _ready(self, name: str, log: Path) -> bool:

@@ -3,7 +3,6 @@ against real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import email.utils
 import http.server
 import ssl
 import threading
@@ -15,7 +14,6 @@ from standardwebhooks.webhooks import Webhook
 from xo_webhooks import load_settings
 from xo_webhooks.request.payload import pre_payload
 from xo_webhooks.sending.delivery import Delivery, Sender
-from xo_webhooks.sending.policy import Attempt, RetryPolicy, parse_retry_after
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 URL = "http://127.0.0.1:9/hook"
@@ -82,36 +80,6 @@ def test_refused_connections_are_retryable(refused_url):
     attempt = sender.send(delivery)
     assert attempt.retryable and attempt.error.startswith("connection failed: ")
     assert "refused" in attempt.error.lower()
-
-
-@pytest.mark.parametrize(
-    "header, expected",
-    [
-        pytest.param(None, None, id="absent"),
-        pytest.param("3", 3.0, id="seconds"),
-        pytest.param("86400", 60.0, id="capped"),
-        pytest.param("soon", None, id="garbage"),
-        pytest.param("\u00b2", None, id="superscript-two"),
-        pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", 0.0, id="date-in-the-past"),
-    ],
-)
-def test_parse_retry_after(header, expected):
-    assert parse_retry_after(header) == expected
-
-
-def test_retry_after_as_a_future_date():
-    future = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 <= parse_retry_after(future) <= 30
-
-
-def test_backoff_is_exponential_jittered_and_capped():
-    policy, failed = RetryPolicy(retries=10, backoff=1.0), Attempt(False, "HTTP 503", True)
-    for attempts, ceiling in [(1, 1), (2, 2), (3, 4), (10, 60)]:
-        delays = [policy.next_delay(attempts, failed) for _ in range(50)]
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert len(set(delays)) > 1  # jittered
-    asked = Attempt(False, "HTTP 429", True, retry_after=7.0)
-    assert policy.next_delay(3, asked) == 7.0
 
 
 def test_signed_hooks_verify_with_standardwebhooks(webhook_receiver):

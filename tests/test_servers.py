@@ -184,6 +184,7 @@ def test_load_with_a_flaky_receiver_loses_nothing(gunicorn, webhook_receiver, tm
 def test_waitress_serves_the_wrapped_app(webhook_receiver, wrap):
     waitress = pytest.importorskip("waitress")
     from waitress import wasyncore
+
     hooks = [{"method": "vm.*", "type": "pre/post", "url": webhook_receiver.url}]
     middleware = wrap(create_app().wsgi_app, hooks=hooks)
     server = waitress.create_server(middleware, host="127.0.0.1", port=0, threads=4)

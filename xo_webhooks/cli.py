@@ -22,8 +22,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, NoReturn, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from ._text import shorten
@@ -293,7 +293,10 @@ def _print_hooks(settings: Settings, out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"{len(settings.hooks)} hook(s):", file=out)
     for row in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        print(
+            "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+            file=out,
+        )
     out.flush()
 
 

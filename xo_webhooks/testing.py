@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Union
+from typing import Any
 
 from jsonschema.exceptions import best_match
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 CLOSE = "close"
 """A scripted response that drops the connection without answering."""
 
-Response = Union[int, str]
+Response = int | str
 Responder = Callable[[int, "ReceivedHook"], Response]
 
 #: Seconds an idle keep-alive connection is kept open.

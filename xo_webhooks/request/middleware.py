@@ -13,10 +13,10 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from .._text import describe_error
 from ..config import Hook, Settings, load_settings
@@ -37,7 +37,7 @@ __all__ = ["WebhookMiddleware", "remote_user", "USER_ENVIRON_KEY"]
 logger = logging.getLogger(__name__)
 
 USER_ENVIRON_KEY = "xo_webhooks.user"
-UserResolver = Callable[["WSGIEnvironment"], Optional[User]]
+UserResolver = Callable[["WSGIEnvironment"], User | None]
 NO_USER: User = (None, None)
 # How a request's method names stand in its bytes when it has no JSON escapes.
 _METHOD_MEMBER = re.compile(rb'"method"\s*:\s*"([^"\\]*)"')

@@ -7,13 +7,13 @@ The request thread only assembles a small dict (:func:`pre_payload`,
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .jsonrpc import Outcome
 
 __all__ = ["pre_payload", "post_payload", "User"]
 
-User = tuple[Optional[str], Optional[str]]
+User = tuple[str | None, str | None]
 
 
 def pre_payload(

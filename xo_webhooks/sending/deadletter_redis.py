@@ -15,7 +15,6 @@ target, so the base install never loads it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -31,7 +30,6 @@ from .deadletter import parse_record
 
 __all__ = ["RedisDeadLetter", "DEFAULT_KEY"]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_KEY = "xo-webhooks:dead-letter"
 #: Seconds to connect or wait for an answer. A publisher appends on the request path

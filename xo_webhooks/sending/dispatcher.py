@@ -31,7 +31,6 @@ __all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 logger = logging.getLogger(__name__)
 
 
-
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 

@@ -8,7 +8,8 @@ writes whatever has piled up in one batch.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 __all__ = ["Recorder"]
 
