@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+
+#: The Standard Webhooks example secret (24 bytes), and another one (32 bytes).
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another key of thirty-two bytes!").decode()
+
+#: A valid pre hook payload and its post hook.
+PRE = {
+    "type": "pre",
+    "callId": "call-1",
+    "userId": "u1",
+    "userName": "alice",
+    "method": "vm.start",
+    "params": {"id": "vm-1"},
+    "timestamp": 1700000000000,
+}
+POST = {**PRE, "type": "post", "timestamp": 1700000000532, "duration": 532, "result": True}
 
 HOOKS = [{"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/"}]
 

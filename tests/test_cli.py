@@ -32,6 +32,7 @@ from xo_webhooks.request.jsonrpc import Outcome
 from xo_webhooks.request.payload import post_payload, pre_payload
 from xo_webhooks.signing import verify
 
+from .helpers import SECRET
 from .waiting import wait_until
 
 # The script installed for this interpreter first: a shim earlier on PATH (pyenv, a
@@ -39,7 +40,6 @@ from .waiting import wait_until
 XO = shutil.which("xo-webhooks", path=os.path.dirname(sys.executable)) or shutil.which(
     "xo-webhooks"
 )
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 TIMEOUT = 30  # seconds for any one command
 
 pytestmark = pytest.mark.skipif(XO is None, reason="xo-webhooks is not installed: pip install -e .")
@@ -496,6 +496,7 @@ def api():
 WRAPPED_APP = """
 from cli_plain_api import app as plain
 from xo_webhooks import WebhookMiddleware
+
 
 app = WebhookMiddleware(plain)  # as the README shows; serve must not wrap it again
 """

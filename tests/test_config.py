@@ -16,9 +16,10 @@ import pytest
 from xo_webhooks.config import DEFAULT_REDACT, Hook, Settings, load_settings
 from xo_webhooks.errors import ConfigError, WebhookError
 
+from .helpers import SECRET
+
 URL = "http://hooks.example/in"
 HOOK = {"method": "vm.start", "type": "pre", "url": URL}
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="  # 26 bytes
 
 

@@ -15,7 +15,8 @@ from xo_webhooks import load_settings
 from xo_webhooks.request.payload import pre_payload
 from xo_webhooks.sending.delivery import Delivery, Sender
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+from .helpers import SECRET
+
 URL = "http://127.0.0.1:9/hook"
 
 

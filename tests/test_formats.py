@@ -11,15 +11,9 @@ import pytest
 from xo_webhooks.schema import validate_payload
 from xo_webhooks.sending.formats import FORMATS, render
 
-PRE = {
-    "type": "pre",
-    "callId": "call-1",
-    "userId": "u1",
-    "userName": "alice",
-    "method": "vm.start",
-    "params": {"id": "vm-1", "force": False},
-    "timestamp": 1700000000000,
-}
+from .helpers import PRE as HELPER_PRE
+
+PRE = {**HELPER_PRE, "params": {"id": "vm-1", "force": False}}
 POST_OK = {**PRE, "type": "post", "timestamp": 1700000000532, "duration": 532, "result": True}
 POST_FAILED = {
     **PRE,

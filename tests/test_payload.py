@@ -1,4 +1,5 @@
-"""Tests of xo_webhooks.request.payload: building, redacting and serialising hook payloads.
+"""Hook payloads: building them (request.payload), redacting them (sending.redaction)
+and serialising them (sending.formats.serialize).
 
 Every payload built here is also checked against the published JSON Schema.
 """

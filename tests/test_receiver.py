@@ -29,6 +29,8 @@ from xo_webhooks.receiver import HookReceiver, make_receiver, serve
 from xo_webhooks.receiving import receiver as receiver_module
 from xo_webhooks.signing import generate_secret, sign
 
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 SECRET = generate_secret()
 TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 
@@ -131,15 +133,6 @@ def raw_request(port: int, data: bytes) -> int:
 
 
 # --- fixtures --------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left():
-    before = set(threading.enumerate())
-    yield
-    for thread in set(threading.enumerate()) - before:
-        thread.join(10)
-        assert not thread.is_alive(), f"thread {thread.name} still running"
 
 
 @pytest.fixture

@@ -14,17 +14,9 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from xo_webhooks.schema import SCHEMA_NAMES, load_schema, validate_payload, validator
 
+from .helpers import POST, PRE
+
 ROOT = Path(__file__).resolve().parent.parent
-PRE = {
-    "type": "pre",
-    "callId": "0b6a3c1e",
-    "userId": "u-42",
-    "userName": "alice@example.com",
-    "method": "vm.start",
-    "params": {"id": "vm-1"},
-    "timestamp": 1_700_000_000_000,
-}
-POST = {**PRE, "type": "post", "timestamp": 1_700_000_000_532, "duration": 532, "result": True}
 ERROR = {"code": -32000, "message": "no such VM"}
 
 

@@ -16,8 +16,8 @@ from xo_webhooks.errors import ConfigError, SignatureError
 from xo_webhooks.receiver import HookReceiver
 from xo_webhooks.signing import generate_secret, parse_secret, sign, verify
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-OTHER_SECRET = "whsec_" + base64.b64encode(b"another key of thirty-two bytes!").decode()
+from .helpers import OTHER_SECRET, SECRET
+
 NOW = 1_700_000_000
 BODY = json.dumps({"type": "pre", "method": "vm.start", "params": {"id": "é"}}).encode()
 

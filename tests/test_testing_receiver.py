@@ -13,26 +13,11 @@ import requests
 
 from xo_webhooks.testing import ReceivedHook, WebhookReceiver
 
+from .helpers import POST, PRE
+
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 TIMEOUT = 5  # seconds, for every client call
-
-PRE = {
-    "type": "pre",
-    "callId": "call-1",
-    "userId": "u1",
-    "userName": "alice",
-    "method": "vm.start",
-    "params": {"id": "vm-1"},
-    "timestamp": 1700000000000,
-}
-POST = {**PRE, "type": "post", "timestamp": 1700000000532, "duration": 532, "result": True}
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ class Delivery:
 
 
 class Sender:
-    """Makes one delivery attempt over HTTP (see :mod:`xo_webhooks.transport`).
+    """Makes one delivery attempt over HTTP (see :mod:`.transport`).
 
     :param settings: timeout, CA bundle and redaction words come from here.
     """
