@@ -497,7 +497,6 @@ WRAPPED_APP = """
 from cli_plain_api import app as plain
 from xo_webhooks import WebhookMiddleware
 
-
 app = WebhookMiddleware(plain)  # as the README shows; serve must not wrap it again
 """
 
