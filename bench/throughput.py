@@ -202,7 +202,7 @@ def run_api_under_load(url: str, rounds: int, round_seconds: float) -> list[Row]
     start = time.perf_counter()
     caller.call_many(bare, 500)
     count = max(500, int(round_seconds / ((time.perf_counter() - start) / 500)))
-    backlog = 6000  # more than the workers deliver during one round
+    backlog = 20000  # several times what the workers deliver during one round
     settings = _settings(url, signed=False, queue_size=backlog)
     target = settings.hooks[0]
     delivered: list[float] = []  # hooks/s delivered while the app was being called
