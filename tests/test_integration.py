@@ -4,10 +4,12 @@ werkzeug's server, sends hooks to a real receiver on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
 import requests
+from werkzeug.wsgi import ClosingIterator
 
 from xo_webhooks import WebhookMiddleware
 from xo_webhooks.schema import validate_payload
@@ -150,6 +152,33 @@ def test_remote_user_is_the_default_user(webhook_receiver, serve, wrap):
     assert pre.payload["params"] == {}
 
 
+class CountsFinished:
+    """Wraps a WSGI app and counts the responses the server has closed: a request is
+    over, its hooks (if any) handed to the dispatcher, only once its response is closed,
+    which happens after the client has read it."""
+
+    def __init__(self, app):
+        self.app = app
+        self.finished = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        return ClosingIterator(self.app(environ, start_response), self._done)
+
+    def _done(self):
+        with self._lock:
+            self.finished += 1
+
+
+def assert_no_hook_sent(middleware, finished, requests_made, webhook_receiver):
+    """Nothing was sent, and nothing will be: every request is over, the dispatcher is
+    idle, and it never accepted a hook (so none can arrive late)."""
+    wait_until(lambda: finished.finished == requests_made, what="the responses to be closed")
+    assert middleware.flush(10)
+    assert middleware.stats()["accepted"] == 0
+    assert webhook_receiver.attempts == []
+
+
 @pytest.mark.parametrize(
     "body, content_type",
     [
@@ -186,7 +215,9 @@ def test_malformed_bodies_pass_through_byte_for_byte(
 ):
     hooks = [{"method": "*", "type": "pre/post", "url": webhook_receiver.url}]
     bare = serve(create_app().wsgi_app).url + "/echo"
-    wrapped = serve(wrap(create_app().wsgi_app, hooks=hooks)).url + "/echo"
+    middleware = wrap(create_app().wsgi_app, hooks=hooks)
+    finished = CountsFinished(middleware)
+    wrapped = serve(finished).url + "/echo"
     data = body if transfer == "content-length" else iter([body[:10], body[10:]])
 
     def send(url):
@@ -199,17 +230,19 @@ def test_malformed_bodies_pass_through_byte_for_byte(
     assert {k: v for k, v in got.headers.items() if k != "Date"} == {
         k: v for k, v in expected.headers.items() if k != "Date"
     }
-    assert webhook_receiver.attempts == []
+    assert_no_hook_sent(middleware, finished, 1, webhook_receiver)
 
 
 def test_other_http_methods_pass_through(serve, wrap, webhook_receiver):
     hooks = [{"method": "*", "type": "pre/post", "url": webhook_receiver.url}]
-    url = serve(wrap(create_app().wsgi_app, hooks=hooks)).url + "/echo"
+    middleware = wrap(create_app().wsgi_app, hooks=hooks)
+    finished = CountsFinished(middleware)
+    url = serve(finished).url + "/echo"
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "vm.start"}'
     answer = requests.put(url, data=body, timeout=10)
     assert (answer.status_code, answer.content) == (201, body)
     assert requests.head(url, timeout=10).headers["X-Seen-Method"] == "HEAD"
-    assert webhook_receiver.attempts == []
+    assert_no_hook_sent(middleware, finished, 2, webhook_receiver)
 
 
 def _timed_calls(url, count=10):

@@ -20,6 +20,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.serving import make_server
 from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
@@ -120,6 +121,32 @@ class Untouchable:
 
     def read(self, size: int = -1) -> bytes:
         raise AssertionError("the body was read although Content-Length is over the limit")
+
+
+class Unreadable:
+    """A request body whose reading fails, as when the client goes away mid-body."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read(self, size: int = -1) -> bytes:
+        raise self.error
+
+
+class FailOnHookLine(logging.Filter):
+    """A faulty log filter of the application's: it raises on the INFO line of a hook
+    whose params hold "boom", which makes the receiver fail inside its own code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and "boom" in record.getMessage():
+            raise RuntimeError("the filter broke: boom")
+        return True
+
+
+def run(app, environ) -> tuple[str, bytes]:
+    """Call *app* in process; return its status line and body."""
+    app_iter, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return status, b"".join(app_iter)
 
 
 def raw_request(port: int, data: bytes) -> int:
@@ -242,6 +269,60 @@ def test_a_chunked_body_the_server_did_not_frame_is_refused(receivers):
 
 
 @pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(OSError(104, "Connection reset by peer"), id="reset"),
+        pytest.param(ValueError("I/O operation on closed file"), id="closed"),
+        pytest.param(ClientDisconnected(), id="client-disconnected"),
+    ],
+)
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_that_cannot_be_read_gets_400(receivers, error, framing):
+    environ = EnvironBuilder(method="POST").get_environ()
+    if framing == "content-length":
+        environ["CONTENT_LENGTH"] = "100"
+    else:
+        environ.pop("CONTENT_LENGTH", None)
+        environ.update(HTTP_TRANSFER_ENCODING="chunked", **{"wsgi.input_terminated": True})
+    environ["wsgi.input"] = Unreadable(error)
+    assert run(receivers(), environ) == ("400 BAD REQUEST", b"the body could not be read\n")
+
+
+@pytest.mark.parametrize(
+    ("length", "body", "reason"),
+    [
+        pytest.param("abc", b"", b"invalid Content-Length", id="not-a-number"),
+        pytest.param("-1", b"", b"invalid Content-Length", id="negative"),
+        pytest.param("1e3", b"", b"invalid Content-Length", id="exponent"),
+        pytest.param("9" * 19, b"", b"invalid Content-Length", id="19-digits"),
+        pytest.param("100", b"{}", b"the body is shorter than its Content-Length", id="short-body"),
+    ],
+)
+def test_a_body_that_does_not_match_its_content_length_gets_400(receivers, length, body, reason):
+    environ = EnvironBuilder(method="POST").get_environ()
+    environ.update(CONTENT_LENGTH=length, **{"wsgi.input": io.BytesIO(body)})
+    assert run(receivers(), environ) == ("400 BAD REQUEST", reason + b"\n")
+
+
+def test_a_failure_inside_the_receiver_is_a_logged_500_without_details(receivers, log):
+    app = receivers()
+    failing = FailOnHookLine()
+    logging.getLogger("xo_webhooks.receiving.receiver").addFilter(failing)
+    try:
+        response = Client(app).post("/", data=encode(hook(params={"id": "boom"})))
+        ok = Client(app).post("/", data=encode(hook()))
+    finally:
+        logging.getLogger("xo_webhooks.receiving.receiver").removeFilter(failing)
+    assert response.status_code == 500
+    assert response.get_data() == b"internal error\n"  # no traceback, no message
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert ok.status_code == 204  # and it goes on answering
+    (error,) = [r for r in log.records if r.levelno == logging.ERROR]
+    assert error.getMessage() == "the receiver failed on a request"
+    assert error.exc_info is not None and error.exc_info[0] is RuntimeError
+
+
+@pytest.mark.parametrize(
     ("body", "reason"),
     [
         pytest.param(b"", "not JSON", id="empty"),
@@ -263,10 +344,17 @@ def test_bodies_that_are_not_utf8_json_get_400(receivers, body, reason):
     assert reason in response.get_data(as_text=True)
 
 
-def test_a_payload_nested_just_below_the_parser_limit_is_handled(receivers):
+def test_a_payload_nested_just_below_the_parser_limit_is_handled(receivers, log):
+    # Nesting below the limit is JSON like any other: the schema decides.
     deep = json.loads("[" * 900 + "]" * 900)
-    for payload in (deep, hook(params=deep), hook(result=deep)):
-        assert Client(receivers()).post("/", data=encode(payload)).status_code in (204, 400)
+    response = Client(receivers()).post("/", data=encode(deep))
+    assert response.status_code == 400
+    assert response.get_data(as_text=True) == (
+        "not a valid hook payload: $: expected object, got an array\n"
+    )
+    for payload in (hook(params=deep), hook(result=deep)):
+        assert Client(receivers()).post("/", data=encode(payload)).status_code == 204
+    assert "the receiver failed" not in log.text
 
 
 @pytest.mark.parametrize(
@@ -645,6 +733,21 @@ def test_end_to_end_bad_bodies(receivers, live):
     assert requests.post(url, data=iter([encode(hook())]), timeout=10).status_code == 204
     # Still answering after all that.
     assert requests.post(url, data=encode(hook()), timeout=10).status_code == 204
+
+
+def test_end_to_end_a_failure_inside_the_receiver(receivers, live, log):
+    failing = FailOnHookLine()
+    logging.getLogger("xo_webhooks.receiving.receiver").addFilter(failing)
+    try:
+        url, _ = live(receivers())
+        response = requests.post(url, data=encode(hook(params={"id": "boom"})), timeout=10)
+        ok = requests.post(url, data=encode(hook()), timeout=10)
+    finally:
+        logging.getLogger("xo_webhooks.receiving.receiver").removeFilter(failing)
+    assert (response.status_code, response.content) == (500, b"internal error\n")
+    assert "Traceback" not in response.text and "boom" not in response.text
+    assert ok.status_code == 204
+    assert "the receiver failed on a request" in log.text
 
 
 def test_serve(tmp_path, folders, monkeypatch):

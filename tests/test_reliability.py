@@ -176,11 +176,13 @@ def test_post_goes_once_its_pre_is_given_up(dispatch, webhook_receiver, tmp_path
 def test_full_queue_never_blocks_and_dead_letters(dispatch, webhook_receiver, tmp_path):
     webhook_receiver.respond_with(204, delay=5)
     dispatcher, hook = dispatch(webhook_receiver.url, queue_size=5, max_workers=1, timeout=10)
-    started = time.monotonic()
     for n in range(50):
         dispatcher.submit(Delivery(hook, payload(f"c{n}")))
-    assert time.monotonic() - started < 1
-    assert_ledger(dispatcher.stats())
+    # Never blocked: a submit that waited for room in the queue could only have returned
+    # once an answer came (each takes 5 s), yet none has.
+    stats = dispatcher.stats()
+    assert_ledger(stats)
+    assert (stats["accepted"], stats["delivered"], webhook_receiver.received) == (50, 0, [])
     # The rejected ones are written by the recorder thread, off the request path.
     stats = wait_until(lambda: (s := dispatcher.stats())["failed"] == 45 and s, what="45 failed")
     assert_ledger(stats)
@@ -196,13 +198,35 @@ def test_close_dead_letters_what_is_left(dispatch, refused_url, tmp_path):
         dispatcher.submit(Delivery(hook, payload(f"c{n}")))
     started = time.monotonic()
     dispatcher.close(0.5)
-    assert time.monotonic() - started < 3
+    # Generous: the first retry is due 30-60 s after the first attempt, and close() did
+    # not wait for it (each record shows at most that first attempt).
+    assert time.monotonic() - started < 20
     stats = dispatcher.stats()
     assert_ledger(stats)
-    assert (stats["pending"], stats["dead_lettered"]) == (0, 3)
-    assert sorted(r["payload"]["callId"] for r in dead_letters(tmp_path)) == ["c0", "c1", "c2"]
+    assert (stats["pending"], stats["dead_lettered"], stats["retried"]) == (0, 3, 0)
+    records = dead_letters(tmp_path)
+    assert sorted(r["payload"]["callId"] for r in records) == ["c0", "c1", "c2"]
+    assert all(r["attempts"] <= 1 for r in records), records
     dispatcher.submit(Delivery(hook, payload("late")))  # after close: kept, not lost
     assert dead_letters(tmp_path)[-1]["lastError"] == "dispatcher closed"
+
+
+def test_a_proxy_of_another_scheme_is_a_final_error(dispatch, monkeypatch, tmp_path):
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:s3cret@127.0.0.1:1080")
+    dispatcher, hook = dispatch("https://127.0.0.1:9/hook", retries=3)
+    dispatcher.submit(Delivery(hook, payload()))
+    assert dispatcher.flush(10)
+    stats = dispatcher.stats()
+    assert_ledger(stats)
+    assert (stats["failed"], stats["dead_lettered"], stats["retried"]) == (1, 1, 0)
+    (record,) = dead_letters(tmp_path)
+    assert record["attempts"] == 1  # not worth a retry: the setting will not change
+    assert record["lastError"] == (
+        "request failed: ValueError: only http:// proxies are supported, "
+        "not 'socks5://user:***@127.0.0.1:1080'"
+    )
 
 
 def test_without_a_dead_letter_file_hooks_are_counted_lost(dispatch, refused_url, caplog):
@@ -244,6 +268,13 @@ def test_wait_for_response_holds_the_first_attempt_only(webhook_receiver, serve,
     assert (stats["pending"], stats["retried"]) == (1, 0)
     assert [a.status for a in webhook_receiver.attempts] == [500]
     assert_ledger(stats)
+    # Closing without waiting gives the waiting retry up at once (the fixture's close
+    # would wait its whole timeout for it).
+    middleware.close(0)
+    stats = middleware.stats()
+    assert_ledger(stats)
+    assert (stats["pending"], stats["failed"], stats["retried"]) == (0, 1, 0)
+    assert [a.status for a in webhook_receiver.attempts] == [500]
 
 
 def test_replay_resends_and_keeps_only_what_still_fails(tmp_path, webhook_receiver, refused_url):
@@ -284,18 +315,23 @@ def test_concurrent_submitters_keep_the_ledger(dispatch, webhook_receiver):
     webhook_receiver.respond_with(lambda n, hook: 500 if n % 3 == 0 else 204)
     dispatcher, hook = dispatch(webhook_receiver.url, retries=1)
     barrier = threading.Barrier(4)
+    seen = [[] for _ in range(4)]  # each submitter's snapshots, checked on this thread
 
     def submit(worker):
-        barrier.wait()
+        barrier.wait(10)
         for n in range(100):
             dispatcher.submit(Delivery(hook, payload(f"{worker}-{n}")))
-            assert_ledger(dispatcher.stats())
+            seen[worker].append(dispatcher.stats())
 
     threads = [threading.Thread(target=submit, args=(w,)) for w in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads)
+    assert [len(snapshots) for snapshots in seen] == [100] * 4
+    for snapshot in (s for snapshots in seen for s in snapshots):
+        assert_ledger(snapshot)
     assert dispatcher.flush(20)
     stats = dispatcher.stats()
     assert_ledger(stats)

@@ -37,14 +37,15 @@ class Gunicorn:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
         )
+        assert self.process.stderr is not None
+        self._stderr = self.process.stderr
         self.log: list[str] = []
         self.url = self._wait_for_address()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
     def _wait_for_address(self) -> str:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:  # ends if gunicorn dies: then the test fails below
+        for line in self._stderr:  # ends if gunicorn dies: then the test fails below
             self.log.append(line)
             found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line)
             if found:
@@ -52,9 +53,8 @@ class Gunicorn:
         self.process.wait(10)
         raise AssertionError("gunicorn did not start:\n" + "".join(self.log))
 
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+    def _drain(self) -> None:  # on its own thread: no assertion here
+        for line in self._stderr:
             self.log.append(line)
 
     def stop(self) -> int:
@@ -95,16 +95,18 @@ def call_many(url: str, count: int) -> dict[int, dict]:
     """Call vm.start *count* times from 4 client threads; return answers by call number."""
     local = threading.local()
 
-    def call(n: int) -> tuple[int, dict]:
+    def call(n: int) -> tuple[int, int, dict]:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
         body = {"jsonrpc": "2.0", "id": n, "method": "vm.start", "params": {"id": f"vm-{n}"}}
         answer = session.post(url + "/api", json=body, timeout=30)
-        assert answer.status_code == 200
-        return n, answer.json()
+        return n, answer.status_code, answer.json()
 
     with ThreadPoolExecutor(4) as pool:
-        return dict(pool.map(call, range(count)))
+        results = list(pool.map(call, range(count)))
+    # Checked here, on the test's thread, not in the pool's.
+    assert [status for _, status, _ in results] == [200] * count
+    return {n: answer for n, _, answer in results}
 
 
 def check_every_hook_accounted_for(tmp_path, receiver, answers: dict[int, dict]) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from xo_webhooks.testing import ReceivedHook, WebhookReceiver
+from xo_webhooks.testing import JOIN_TIMEOUT, ReceivedHook, WebhookReceiver
 
 from .helpers import POST, PRE
 
@@ -142,7 +142,7 @@ def test_delay_is_interrupted_by_stop() -> None:
         return 204
 
     receiver = WebhookReceiver().start()
-    receiver.respond_with(answer, delay=5)
+    receiver.respond_with(answer, delay=600)
 
     def client() -> None:
         try:
@@ -156,11 +156,16 @@ def test_delay_is_interrupted_by_stop() -> None:
     start = time.monotonic()
     receiver.stop()
     elapsed = time.monotonic() - start
+    # Recorded only once the delay is over, and stop() has joined the connection thread:
+    # a delay that stop() did not interrupt would still be running (600 s), unrecorded.
+    assert [h.status for h in receiver.attempts] == [0]
     thread.join(TIMEOUT)
 
-    assert elapsed < 1.0
+    assert not thread.is_alive()
     assert len(errors) == 1  # never answered
-    assert [h.status for h in receiver.attempts] == [0]
+    # Structural above; this bound is generous: an uninterrupted delay would make stop()
+    # give up on the thread only after JOIN_TIMEOUT.
+    assert elapsed < JOIN_TIMEOUT
 
 
 def test_delay_postpones_the_answer(receiver: WebhookReceiver) -> None:
@@ -207,9 +212,11 @@ def test_invalid_payload_fails_wait_for_at_once(receiver: WebhookReceiver) -> No
     post(receiver.url, bad)
     start = time.monotonic()
     with pytest.raises(AssertionError) as info:
-        receiver.wait_for(10, timeout=5)
+        receiver.wait_for(10, timeout=60)
 
-    assert time.monotonic() - start < 1.0  # did not wait for the 10
+    # Did not wait for the 10: a generous bound that a full 60 s wait cannot meet.
+    assert time.monotonic() - start < 30
+    assert "expected 10" not in str(info.value)  # failed on the payload, not on time
     assert "invalid hook payload (vm.start pre callId=call-1 -> 204)" in str(info.value)
     (hook,) = receiver.received
     assert hook.error is not None
@@ -302,15 +309,24 @@ def test_received_is_a_copy(receiver: WebhookReceiver) -> None:
 
 def test_stop_closes_idle_keep_alive_connections_and_is_idempotent() -> None:
     receiver = WebhookReceiver().start()
-    session = requests.Session()
-    session.post(receiver.url, json=PRE, timeout=TIMEOUT)  # leaves an idle connection open
+    port = int(receiver.url.rsplit(":", 1)[1].rstrip("/"))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    connection.request("POST", "/", body=b"{}", headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    assert (response.status, response.will_close) == (204, False)  # an idle connection
 
     start = time.monotonic()
     receiver.stop()
     receiver.stop()
-    session.close()
+    elapsed = time.monotonic() - start
 
-    assert time.monotonic() - start < 1.0
+    # The server closed the idle connection: the client reads its end at once, where a
+    # connection left open would give nothing until the idle timeout (30 s; TIMEOUT here).
+    assert connection.sock is not None
+    assert connection.sock.recv(1) == b""
+    connection.close()
+    assert elapsed < JOIN_TIMEOUT  # generous: a thread left reading would cost JOIN_TIMEOUT
     with pytest.raises(RuntimeError):
         _ = receiver.url
 
@@ -324,15 +340,20 @@ def test_many_concurrent_connections(receiver: WebhookReceiver) -> None:
     count = 150
     host, port = "127.0.0.1", int(receiver.url.rsplit(":", 1)[1].rstrip("/"))
     barrier = threading.Barrier(count)
-    statuses: list[int] = []
+    outcomes: list[int | BaseException] = []  # checked here, not in the client threads
 
     def client() -> None:
         connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
-        connection.connect()
-        barrier.wait(TIMEOUT)  # all connected before anyone sends
-        connection.request("POST", "/", body=b"{}", headers={"Content-Type": "application/json"})
-        statuses.append(connection.getresponse().status)
-        connection.close()
+        try:
+            connection.connect()
+            barrier.wait(TIMEOUT)  # all connected before anyone sends
+            headers = {"Content-Type": "application/json"}
+            connection.request("POST", "/", body=b"{}", headers=headers)
+            outcomes.append(connection.getresponse().status)
+        except Exception as exc:
+            outcomes.append(exc)
+        finally:
+            connection.close()
 
     threads = [threading.Thread(target=client) for _ in range(count)]
     for thread in threads:
@@ -340,7 +361,8 @@ def test_many_concurrent_connections(receiver: WebhookReceiver) -> None:
     for thread in threads:
         thread.join(TIMEOUT * 2)
 
-    assert statuses == [204] * count
+    assert not any(thread.is_alive() for thread in threads)
+    assert outcomes == [204] * count
     assert len(receiver.wait_for(count)) == count
 
 
@@ -354,14 +376,19 @@ def test_4000_requests_on_8_kept_alive_connections_are_all_recorded(
     request = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     port = int(receiver.url.rsplit(":", 1)[1].rstrip("/"))
 
+    errors: list[BaseException] = []  # checked here, not in the client threads
+
     def client() -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            answers = sock.makefile("rb")
-            for _ in range(per_connection):
-                sock.sendall(request)
-                while answers.readline() != b"\r\n":  # a 204 ends with its headers
-                    pass
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                answers = sock.makefile("rb")
+                for _ in range(per_connection):
+                    sock.sendall(request)
+                    while answers.readline() not in (b"\r\n", b""):  # a 204 ends here
+                        pass
+        except Exception as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(connections)]
     for thread in threads:
@@ -369,5 +396,7 @@ def test_4000_requests_on_8_kept_alive_connections_are_all_recorded(
     for thread in threads:
         thread.join(60)
 
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
     assert len(receiver.wait_for(per_connection * connections)) == per_connection * connections
     assert receiver.connections == connections
