@@ -20,3 +20,10 @@ bench:
 	    (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server))) || \
 	  echo "redis-server could not be installed: the Celery scenario is skipped"
 	$(PYTHON) bench/run.py
+
+# make mutation  runs tools/mutate.py: one-line mutants of the request and sending
+#                modules against their fast tests, in a temporary copy (the working
+#                tree is never modified). MUTATE_ARGS="-j 4 wsgi" passes options on.
+.PHONY: mutation
+mutation:
+	$(PYTHON) tools/mutate.py $(MUTATE_ARGS)

@@ -4,6 +4,12 @@ against real servers on 127.0.0.1."""
 from __future__ import annotations
 
 import http.server
+import json
+import math
+import os
+import re
+import select
+import signal
 import ssl
 import threading
 import time
@@ -13,9 +19,10 @@ from standardwebhooks.webhooks import Webhook
 
 from xo_webhooks import load_settings
 from xo_webhooks.request.payload import pre_payload
-from xo_webhooks.sending.delivery import Delivery, Sender
+from xo_webhooks.sending import delivery as delivery_module
+from xo_webhooks.sending.delivery import Delivery, Sender, new_id
 
-from .helpers import SECRET
+from .helpers import OTHER_SECRET, POST, PRE, SECRET
 
 URL = "http://127.0.0.1:9/hook"
 
@@ -60,6 +67,24 @@ def test_request_shape_and_redaction(webhook_receiver):
     assert request.payload["params"] == {"password": "***", "id": 1}
     assert "webhook-signature" not in request.headers
     assert request.headers["webhook-id"] == delivery.id  # for de-duplication, signed or not
+
+
+def test_custom_redaction_words_catch_every_spelling(webhook_receiver):
+    sender, delivery = make(webhook_receiver.url, redact=["private_key", "x-auth"])
+    delivery.payload["params"] = {
+        "privateKey": "k1",
+        "X_Auth": "a1",
+        "nested": [{"PRIVATE-KEY": "k2", "xAuthority": "a2"}],
+        "password": "kept: not in the custom list",
+    }
+    assert sender.send(delivery).delivered
+    (request,) = webhook_receiver.wait_for(1)
+    assert request.payload["params"] == {
+        "privateKey": "***",
+        "X_Auth": "***",
+        "nested": [{"PRIVATE-KEY": "***", "xAuthority": "***"}],
+        "password": "kept: not in the custom list",
+    }
 
 
 def test_connections_are_kept_alive(webhook_receiver):
@@ -168,3 +193,149 @@ def test_outbound_proxy_from_the_environment_is_used(recorder_server, monkeypatc
     sender, delivery = make("http://127.0.0.2:9/via-proxy")  # never reached directly
     assert sender.send(delivery).delivered
     assert _Recorder.seen == ["POST http://127.0.0.2:9/via-proxy HTTP/1.1"]
+
+
+# -- the Delivery object: ids, construction, redaction once, dead-letter records --------
+
+
+HOOK = load_settings([{"method": "vm.start", "type": "pre/post", "url": URL}], {}).hooks[0]
+
+
+def test_ids_are_32_hex_digits_and_unique():
+    ids = [new_id() for _ in range(1000)]
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert Delivery(HOOK, PRE).id.startswith("msg_")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_does_not_repeat_the_parents_ids():
+    parent = new_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id, then out without running any cleanup
+        try:
+            os.write(write, new_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        child = os.read(read, 100).decode() if ready else "(no answer from the child)"
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert re.fullmatch("[0-9a-f]{32}", child)
+    assert child[:16] != parent[:16]  # a new random prefix, not the parent's counter
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="nothing"),
+        pytest.param({"call_id": "c", "kind": "post"}, id="no-build"),
+        pytest.param({"build": lambda: dict(POST), "kind": "post"}, id="no-call-id"),
+        pytest.param({"build": lambda: dict(POST), "call_id": "c"}, id="no-kind"),
+    ],
+)
+def test_a_delivery_needs_a_payload_or_a_complete_build(kwargs):
+    with pytest.raises(TypeError, match="needs a payload"):
+        Delivery(HOOK, **kwargs)
+
+
+def test_a_built_payload_is_built_once_on_first_use():
+    built = []
+
+    def build():
+        built.append(1)
+        return dict(POST)
+
+    delivery = Delivery(HOOK, build=build, call_id="call-1", kind="post")
+    assert (delivery.call_id, delivery.kind, delivery.is_pre, built) == (
+        "call-1",
+        "post",
+        False,
+        [],
+    )
+    assert delivery.payload == POST
+    assert delivery.payload == POST
+    assert built == [1]
+
+
+@pytest.mark.parametrize("payload, is_pre", [(PRE, True), (POST, False)], ids=["pre", "post"])
+def test_is_pre_and_order_key(payload, is_pre):
+    delivery = Delivery(HOOK, payload)
+    assert delivery.is_pre is is_pre
+    assert delivery.order_key == ("call-1", URL)
+
+
+def test_a_payload_is_redacted_once():
+    delivery = Delivery(HOOK, {**PRE, "params": {"password": "p", "id": "vm-1"}})
+    delivery.redact(["password"])
+    assert delivery.redacted
+    delivery.redact(["id"])  # e.g. a record read back: already redacted
+    assert delivery.payload["params"] == {"password": "***", "id": "vm-1"}
+
+
+SETTINGS = load_settings(
+    [
+        {"method": "vm.*", "type": "post", "url": URL, "secret": OTHER_SECRET},
+        {"method": "*", "type": "post", "url": URL + "/b", "headers": {"X-Team": "b"}},
+    ],
+    {},
+    secret=SECRET,
+)
+
+
+def record(url, **extra):
+    return {"url": url, "format": "json", "payload": {**POST, "params": {"token": "t0k"}}, **extra}
+
+
+@pytest.mark.parametrize(
+    "url, secret, headers",
+    [
+        pytest.param(URL, OTHER_SECRET, (), id="first-hook"),
+        pytest.param(URL + "/b", SECRET, (("X-Team", "b"),), id="second-hook-global-secret"),
+        pytest.param("http://127.0.0.1:9/gone", SECRET, (), id="no-hook-any-more"),
+    ],
+)
+def test_a_record_gets_the_secret_and_headers_of_the_hook_with_its_url(url, secret, headers):
+    delivery = Delivery.from_record(record(url), SETTINGS)
+    assert (delivery.hook.url, delivery.hook.secret, delivery.hook.headers) == (
+        url,
+        secret,
+        headers,
+    )
+
+
+def test_a_record_keeps_its_id_attempts_and_payload():
+    kept = Delivery.from_record(record(URL, id="msg_1", lastError="HTTP 500"), SETTINGS)
+    assert (kept.id, kept.attempts, kept.last_error) == ("msg_1", 0, "HTTP 500")
+    assert Delivery.from_record(record(URL, id="msg_1"), SETTINGS, attempts=3).attempts == 3
+    fresh = Delivery.from_record(record(URL, id=""), SETTINGS)
+    assert re.fullmatch("msg_[0-9a-f]{32}", fresh.id)
+    # Records are written redacted: what one holds is sent as it is.
+    assert json.loads(kept.prepare(["token"]))["params"] == {"token": "t0k"}
+    assert (kept.call_id, kept.kind) == ("call-1", "post")
+
+
+def test_a_payload_that_cannot_be_encoded_fails_without_a_request(webhook_receiver):
+    sender, delivery = make(webhook_receiver.url)
+    delivery.payload["params"] = {"ratio": math.nan}  # not JSON
+    attempt = sender.send(delivery)
+    assert (attempt.delivered, attempt.retryable) == (False, False)
+    assert attempt.error == "cannot encode the payload: ValueError"
+    assert webhook_receiver.attempts == []
+
+
+def test_an_unexpected_error_fails_the_attempt_and_is_logged(webhook_receiver, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(delivery_module, "judge_answer", broken)
+    sender, delivery = make(webhook_receiver.url)
+    attempt = sender.send(delivery)
+    assert (attempt.delivered, attempt.error) == (False, "unexpected error: RuntimeError: a bug")
+    assert "unexpected error delivering hook vm.start pre for call call-1" in caplog.text

@@ -4,6 +4,7 @@ API calls, user resolution, and failures of its own that must never reach the cl
 from __future__ import annotations
 
 import io
+import json
 from wsgiref.util import FileWrapper
 
 import pytest
@@ -245,3 +246,193 @@ def test_call_with_a_result_that_cannot_be_copied(webhook_receiver, wrap, caplog
     (post,) = webhook_receiver.wait_for(1)
     assert post.payload["error"]["message"] == "the result could not be copied for the hook"
     assert "could not be copied" in caplog.text
+
+
+# -- how post hooks find their answers (and what they say when there is none) ---------
+
+
+def answering(body: bytes, status: str = "200 OK"):
+    """An app that answers every request with *body*, after reading the request."""
+
+    def app(environ, start_response):
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response(status, [("Content-Type", "application/json")])
+        return [body]
+
+    return app
+
+
+def run(app, request: bytes, hooks=HOOKS) -> RecordingDispatcher:
+    """Send *request* through the middleware around *app*; return what it handed over."""
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=hooks, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(
+        method="POST", data=request, content_type="application/json"
+    ).get_environ()
+    response = middleware(environ, lambda *a: None)
+    try:
+        b"".join(response)
+    finally:
+        getattr(response, "close", lambda: None)()
+    return dispatcher
+
+
+def outcomes(dispatcher: RecordingDispatcher) -> list:
+    """Each post hook's ``params["n"]`` with its result or error, in call order."""
+    return [
+        (p["params"].get("n"), p["error"] if "error" in p else p["result"])
+        for p in dispatcher.payloads("post")
+    ]
+
+
+def vm_start(request_id, n, **member):
+    return {"jsonrpc": "2.0", "id": request_id, "method": "vm.start", "params": {"n": n}, **member}
+
+
+def test_batch_answers_are_found_by_id_whatever_its_json_type():
+    ids = [1, "1", {"vm": 1, "pool": "a"}, [2, "x"], None, 1.5]
+    request = json.dumps([vm_start(request_id, n) for n, request_id in enumerate(ids)])
+    # Answered in reverse, object keys in another order: only the id ties them.
+    answers = [{"jsonrpc": "2.0", "id": i, "result": f"answer {n}"} for n, i in enumerate(ids)]
+    answers[2]["id"] = {"pool": "a", "vm": 1}
+    dispatcher = run(answering(json.dumps(answers[::-1]).encode()), request.encode())
+    assert outcomes(dispatcher) == [(n, f"answer {n}") for n in range(len(ids))]
+
+
+NULL_ID_ERROR = {"code": -32600, "message": "Invalid Request"}
+NO_RESPONSE = {"code": -32603, "message": "no response for this call"}
+NOT_JSON_RPC = {"code": -32603, "message": "the response is not a JSON-RPC response"}
+
+
+@pytest.mark.parametrize(
+    "request_document, answer, expected",
+    [
+        pytest.param(
+            vm_start(7, 0),
+            {"jsonrpc": "2.0", "id": None, "error": NULL_ID_ERROR},
+            [(0, NULL_ID_ERROR)],
+            id="single-call-null-id-error-is-its-answer",
+        ),
+        pytest.param(
+            [vm_start(1, 0), vm_start(2, 1)],
+            [{"jsonrpc": "2.0", "id": None, "error": NULL_ID_ERROR}],
+            [(0, NULL_ID_ERROR), (1, NULL_ID_ERROR)],
+            id="batch-with-one-null-id-error-only",
+        ),
+        pytest.param(
+            [vm_start(1, 0), vm_start(2, 1)],
+            [
+                {"jsonrpc": "2.0", "id": 1, "result": "ok"},
+                {"jsonrpc": "2.0", "id": None, "error": NULL_ID_ERROR},
+            ],
+            [(0, "ok"), (1, NO_RESPONSE)],
+            id="null-id-error-beside-other-answers-is-nobodys",
+        ),
+        pytest.param(
+            [vm_start(1, 0), vm_start(2, 1)],
+            [{"jsonrpc": "2.0", "id": 2, "result": "two"}],
+            [(0, NO_RESPONSE), (1, "two")],
+            id="batch-answer-missing-a-call",
+        ),
+        pytest.param(
+            [vm_start(1, 0), vm_start(2, 1)],
+            [{"jsonrpc": "2.0", "id": 1, "result": "one"}, {"jsonrpc": "2.0", "result": "two"}],
+            [(0, NOT_JSON_RPC), (1, NOT_JSON_RPC)],
+            id="batch-answer-member-without-id",
+        ),
+        pytest.param(
+            vm_start(1, 0),
+            {"status": "ok", "vm": "vm-1"},
+            [(0, NOT_JSON_RPC)],
+            id="json-but-not-json-rpc",
+        ),
+        pytest.param(
+            [vm_start(1, 0), {"jsonrpc": "2.0", "method": "vm.start", "params": {"n": 1}}],
+            "<html>Bad gateway</html>",
+            [(0, NOT_JSON_RPC), (1, None)],
+            id="not-json-a-notification-still-ends-with-null",
+        ),
+    ],
+)
+def test_post_hooks_say_what_the_answer_was(request_document, answer, expected):
+    body = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+    dispatcher = run(answering(body), json.dumps(request_document).encode())
+    assert outcomes(dispatcher) == expected
+    for payload in dispatcher.payloads("post"):
+        validate_payload(payload)
+
+
+def test_an_http_error_answer_is_the_error_of_every_call():
+    answer = json.dumps([{"jsonrpc": "2.0", "id": 1, "result": "ok"}]).encode()
+    request = json.dumps([vm_start(1, 0), vm_start(2, 1)]).encode()
+    dispatcher = run(answering(answer, "502 Bad Gateway"), request)
+    error = {"code": -32603, "message": "the application answered HTTP 502 Bad Gateway"}
+    assert outcomes(dispatcher) == [(0, error), (1, error)]
+
+
+# -- the quick scan for method names, and the bodies it cannot read --------------------
+
+
+def seen_by(bodies: list[bytes]):
+    """An app that keeps the request bodies it gets."""
+
+    def app(environ, start_response):
+        bodies.append(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [RESULT]
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "request_body, method",
+    [
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "method": "vm.st\u0061rt", "params": {"n": 0}}',
+            "vm.start",
+            id="escaped-method-name",
+        ),
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "m\u0065thod": "vm.start", "params": {"n": 0}}',
+            "vm.start",
+            id="escaped-member-name",
+        ),
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "method": "vm.start", "params": {"n": 0, "s": "a\"b"}}',
+            "vm.start",
+            id="escape-elsewhere",
+        ),
+        pytest.param(
+            rb'[{"jsonrpc": "2.0", "method": "log", "params": {"t": "\n"}},'
+            rb' {"jsonrpc": "2.0", "id": 1, "method": "vm.\u0073tart", "params": {"n": 0}}]',
+            "vm.start",
+            id="batch-escaped-in-second-call",
+        ),
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "method": "vm.st\u006fp", "params": {"n": 0}}',
+            None,
+            id="escaped-name-without-a-hook",
+        ),
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "method": "vm.stop", "params": {"n": 0}}',
+            None,
+            id="plain-name-without-a-hook",
+        ),
+        pytest.param(
+            rb'{"jsonrpc": "2.0", "id": 1, "method": "vm.start\u0000", "params": {}}',
+            None,
+            id="escape-makes-another-name",
+        ),
+    ],
+)
+def test_method_names_written_with_json_escapes(request_body, method):
+    bodies: list[bytes] = []
+    dispatcher = run(seen_by(bodies), request_body)
+    assert bodies == [request_body]  # the app gets the body as it was sent
+    if method is None:
+        assert dispatcher.deliveries == []
+    else:
+        (pre,) = dispatcher.payloads("pre")
+        (post,) = dispatcher.payloads("post")
+        assert pre["method"] == post["method"] == method
+        assert (pre["params"]["n"], post["result"]) == (0, "ok")

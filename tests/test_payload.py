@@ -129,6 +129,16 @@ def test_default_words(key: str, redacted: bool) -> None:
     assert redact(value, DEFAULT_REDACT) == {key: REDACTED if redacted else value[key]}
 
 
+@pytest.mark.parametrize("word", ["private_key", "private-key", "Private_Key", "privatekey"])
+@pytest.mark.parametrize(
+    "key", ["privateKey", "private_key", "PRIVATE-KEY", "sshPrivate_Key", "x-private-key"]
+)
+def test_custom_words_ignore_case_hyphens_and_underscores(word: str, key: str) -> None:
+    # Either side may be written snake_case, kebab-case or camelCase.
+    value = {key: "-----BEGIN KEY-----", "public_key": "ssh-ed25519 AAAA"}
+    assert redact(value, [word]) == {key: REDACTED, "public_key": "ssh-ed25519 AAAA"}
+
+
 def test_words_are_case_insensitive_substrings() -> None:
     value = {"pinCode": 1234, "SPINNER": "on", "Pin": 1, "other": 2}
     expected = {"pinCode": REDACTED, "SPINNER": REDACTED, "Pin": REDACTED, "other": 2}

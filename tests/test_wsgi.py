@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import warnings
 from wsgiref.util import FileWrapper
@@ -16,7 +17,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client, EnvironBuilder
 
 from xo_webhooks import WebhookMiddleware
-from xo_webhooks.request.wsgi import read_body
+from xo_webhooks.request.wsgi import Capture, read_body
 
 from .apps import CALL, RESULT, late_start_app, plain_app
 from .helpers import HOOKS, RecordingDispatcher
@@ -234,13 +235,17 @@ class OneShotInput:
         pytest.param({}, b"ignored", None, id="unknown-length-not-terminated"),
         pytest.param({"CONTENT_LENGTH": "nope"}, b"x", None, id="bad-content-length"),
         pytest.param({"CONTENT_LENGTH": "20"}, b"x" * 20, None, id="over-limit"),
+        pytest.param({"CONTENT_LENGTH": "0"}, b"", b"", id="empty"),
+        pytest.param({"CONTENT_LENGTH": "-1"}, b"x", None, id="negative-content-length"),
+        pytest.param({"wsgi.input_terminated": True}, b"x" * 40, None, id="terminated-over"),
     ],
 )
 def test_read_body(environ_extra, body, expected):
     stream = OneShotInput(body)
     environ = {"wsgi.input": stream, **environ_extra}
     assert read_body(environ, limit=16) == expected
-    assert all(size is not None and size >= 0 for size in stream.sizes)  # never read() unbounded
+    # Never read() unbounded, nor more than one byte past the cap.
+    assert all(size is not None and 0 <= size <= 17 for size in stream.sizes)
     if expected is None:  # not inspected: the app still sees every byte
         assert environ["wsgi.input"].read(100) == body
     else:
@@ -307,3 +312,167 @@ def test_closed_exactly_once_inside_lint_and_validator(fail_at, outer):
             post(client)
     assert iterables[0].closed == 1
     assert len(dispatcher.payloads("post")) == 1
+
+
+def recording_app(bodies):
+    """A JSON-RPC app that keeps the request bodies it reads (to the end of the input)."""
+
+    def app(environ, start_response):
+        stream = environ["wsgi.input"]
+        bodies.append(b"".join(iter(lambda: stream.read(16), b"")))
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [RESULT]
+
+    return app
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize(
+    "spare, inspected",
+    [
+        pytest.param(0, True, id="exactly-max-body"),
+        pytest.param(1, True, id="one-byte-under"),
+        pytest.param(-1, False, id="one-byte-over"),
+    ],
+)
+def test_request_body_cap_is_inclusive(chunked, spare, inspected):
+    body = json.dumps(CALL).encode()
+    bodies = []
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(
+        recording_app(bodies),
+        hooks=HOOKS,
+        dispatcher=dispatcher,
+        environ={},
+        max_body=len(body) + spare,
+    )
+    environ = EnvironBuilder(method="POST", data=body, content_type="application/json")
+    environ = environ.get_environ()
+    if chunked:
+        del environ["CONTENT_LENGTH"]
+        environ["wsgi.input_terminated"] = True
+    assert b"".join(middleware(environ, lambda *a: None)) == RESULT
+    assert bodies == [body]  # inspected or not, the app reads every byte
+    if inspected:
+        assert [p["params"] for p in dispatcher.payloads("pre")] == [CALL["params"]]
+        assert [p["result"] for p in dispatcher.payloads("post")] == ["ok"]
+    else:
+        assert dispatcher.deliveries == []
+
+
+PADDED = RESULT + b" " * 100  # longer than the request: only the response meets the cap
+
+
+def padded_list_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [PADDED]
+
+
+def padded_streamed_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return iter([PADDED[:50], PADDED[50:]])
+
+
+@pytest.mark.parametrize(
+    "spare, inspected",
+    [
+        pytest.param(0, True, id="exactly-max-body"),
+        pytest.param(-1, False, id="one-byte-over"),
+    ],
+)
+@pytest.mark.parametrize("app", [padded_list_app, padded_streamed_app], ids=["list", "streamed"])
+def test_response_body_cap_is_inclusive(app, spare, inspected):
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(
+        app, hooks=HOOKS, dispatcher=dispatcher, environ={}, max_body=len(PADDED) + spare
+    )
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda *a: None)
+    assert b"".join(response) == PADDED
+    getattr(response, "close", lambda: None)()
+    (post,) = dispatcher.payloads("post")
+    if inspected:
+        assert post["result"] == "ok"
+    else:
+        assert post["error"]["message"] == "response not inspected: larger than maxBody"
+
+
+@pytest.mark.parametrize(
+    "status, code",
+    [
+        pytest.param("200 OK", 200, id="ok"),
+        pytest.param("404", 404, id="no-reason"),
+        pytest.param(None, 0, id="before-start-response"),
+        pytest.param("", 0, id="empty"),
+        pytest.param("OK", 0, id="not-a-number"),
+    ],
+)
+def test_capture_status_code(status, code):
+    capture = Capture(limit=10)
+    capture.status = status
+    assert capture.status_code == code
+
+
+def test_capture_keeps_nothing_once_over_its_limit():
+    capture = Capture(limit=10)
+    capture.add(b"12345")
+    capture.add(b"67890")
+    assert (capture.body, capture.overflow) == (b"1234567890", False)
+    capture.add(b"!")
+    assert (capture.body, capture.overflow) == (b"", True)
+    capture.add(b"")  # still over
+    assert (capture.body, capture.overflow) == (b"", True)
+
+
+def test_an_app_that_never_starts_a_response_gets_a_post_hook():
+    def app(environ, start_response):  # breaks WSGI: no start_response at all
+        return iter([])
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda *a: None)
+    assert list(response) == []
+    response.close()
+    (post,) = dispatcher.payloads("post")
+    assert post["error"] == {"code": -32603, "message": "the application answered HTTP (none)"}
+
+
+@pytest.mark.parametrize("when", ["before-response", "mid-iteration"])
+def test_the_error_of_a_post_hook_is_cut_to_500_characters(when):
+    message = "".join(f"{n:03d}," for n in range(200))  # 800 characters, each place distinct
+
+    def app(environ, start_response):
+        if when == "before-response":
+            raise RuntimeError(message)
+        start_response("200 OK", [("Content-Type", "application/json")])
+
+        def body():
+            yield RESULT
+            raise RuntimeError(message)
+
+        return body()
+
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    with pytest.raises(RuntimeError):
+        response = middleware(environ, lambda *a: None)
+        try:
+            list(response)
+        finally:
+            response.close()
+    (post,) = dispatcher.payloads("post")
+    assert post["error"]["message"] == f"RuntimeError: {message}"[:500]
+
+
+def test_a_response_read_then_closed_reports_once_and_logs_nothing(caplog):
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(late_start_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    response = middleware(environ, lambda *a: None)
+    assert b"".join(response) == RESULT  # reports at the end of the body
+    response.close()  # and not again here
+    response.close()
+    assert [p["result"] for p in dispatcher.payloads("post")] == ["ok"]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
