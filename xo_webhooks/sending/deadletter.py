@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -66,8 +67,10 @@ class DeadLetterFile:
     @contextmanager
     def taken(self) -> Iterator[list[dict[str, Any]]]:
         """Move the file aside and yield its records; remove the copy once done. A
-        crash in between leaves ``<path>.replaying-<pid>`` on disk, nothing lost."""
-        working = f"{self.path}.replaying-{os.getpid()}"
+        crash in between leaves ``<path>.replaying-<pid>-<random>`` on disk, nothing lost:
+        the random part keeps a later replay with the same pid (pid 1 in a container)
+        from overwriting it."""
+        working = f"{self.path}.replaying-{os.getpid()}-{secrets.token_hex(4)}"
         os.replace(self.path, working)
         yield read_records(working)
         os.remove(working)

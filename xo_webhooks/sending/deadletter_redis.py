@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -85,8 +86,11 @@ class RedisDeadLetter:
     def taken(self) -> Iterator[list[dict[str, Any]]]:
         """Rename the list to a working key (atomic: appends that follow start a new
         list), yield its records, then delete it. A crash in between leaves
-        ``<key>:replaying:<host>:<pid>`` in Redis, nothing lost."""
-        working = f"{self.key}:replaying:{socket.gethostname()}:{os.getpid()}"
+        ``<key>:replaying:<host>:<pid>:<random>`` in Redis, nothing lost: the random part
+        keeps a later replay with the same host and pid from overwriting it."""
+        working = (
+            f"{self.key}:replaying:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        )
         try:
             self.client.rename(self.key, working)
         except redis.ResponseError as e:

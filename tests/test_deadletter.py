@@ -1,0 +1,566 @@
+"""Dead-letter stores: the JSON Lines file (xo_webhooks.sending.deadletter), the Redis
+list (xo_webhooks.sending.deadletter_redis, against a real ``redis-server`` on an
+ephemeral loopback port), the choice between them (``open_dead_letter``) and what is
+written to them (``DeadLetters``).
+
+The contract of a store:
+
+- ``append`` keeps a batch of records, one compact JSON value each, after whatever is
+  there, and raises when it cannot (the caller then counts the hooks lost);
+- ``taken()`` removes every record and yields them; records appended meanwhile are
+  kept apart; a crash in the block leaves the taken records in a working copy;
+- damaged records are skipped and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from xo_webhooks import Hook, load_settings
+from xo_webhooks.sending.deadletter import DeadLetterFile, parse_record, read_records
+from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.policy import DeadLetters, open_dead_letter
+
+from .helpers import POST, PRE
+from .waiting import wait_until
+
+try:  # the celery extra: only the Redis tests need it
+    import redis
+
+    from xo_webhooks.sending import deadletter_redis
+    from xo_webhooks.sending.deadletter_redis import DEFAULT_KEY, RedisDeadLetter
+except ImportError:  # pragma: no cover - the extra is installed in CI
+    redis = None
+
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+needs_redis_py = pytest.mark.skipif(redis is None, reason="the celery extra is not installed")
+
+
+def record(n: int, **extra: Any) -> dict[str, Any]:
+    return {"id": f"msg_{n}", "url": "http://127.0.0.1:9/", "payload": {"n": n}, **extra}
+
+
+def compact(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@pytest.fixture
+def path(tmp_path) -> str:
+    return str(tmp_path / "dead.jsonl")
+
+
+# -- the file -----------------------------------------------------------------------------
+
+
+def test_append_writes_one_compact_line_per_record(tmp_path):
+    path = tmp_path / "new" / "folder" / "dead.jsonl"  # created as needed
+    records = [record(1, note="café"), record(2, note="line\u2028separator")]
+    DeadLetterFile(str(path)).append(records)
+    assert path.read_bytes() == "".join(compact(r) + "\n" for r in records).encode()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # hooks may hold personal data
+    assert read_records(str(path)) == records  # U+2028 does not split a record
+
+
+def test_append_of_nothing_creates_no_file(path):
+    DeadLetterFile(path).append([])
+    DeadLetterFile(path).append(iter(()))
+    assert not os.path.exists(path)
+
+
+def test_appends_go_after_what_is_there(path):
+    first, second = DeadLetterFile(path), DeadLetterFile(path)  # as two processes would
+    first.append([record(1)])
+    second.append([record(2), record(3)])
+    first.append([record(4)])
+    assert [r["payload"]["n"] for r in read_records(path)] == [1, 2, 3, 4]
+
+
+def test_concurrent_writers_never_interleave(path):
+    # Separate instances have separate locks: only O_APPEND and one write() per
+    # record keep the lines whole.
+    barrier = threading.Barrier(4)
+
+    def write(worker: int) -> None:
+        store = DeadLetterFile(path)
+        barrier.wait()
+        for n in range(25):
+            store.append([record(worker * 100 + n, padding="x" * 2000)])
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with open(path, encoding="utf-8") as f:
+        # A writer may see another's line half-written, take it for torn and add a
+        # newline after it: a blank line, which readers skip.
+        lines = [line for line in f.read().splitlines() if line]
+    assert sorted(json.loads(line)["payload"]["n"] for line in lines) == sorted(
+        w * 100 + n for w in range(4) for n in range(25)
+    )
+
+
+@pytest.mark.parametrize(
+    ("last", "expected"),
+    [
+        pytest.param(b'{"url": "u", "payl', [1, 3], id="torn-by-a-crash"),
+        pytest.param(b'{"url": "u", "payload": {"n": 2}}', [1, 2, 3], id="complete-no-newline"),
+    ],
+)
+def test_a_last_line_without_newline_does_not_swallow_the_next_record(path, last, expected):
+    DeadLetterFile(path).append([record(1)])
+    with open(path, "ab") as f:
+        f.write(last)
+    DeadLetterFile(path).append([record(3)])
+    assert [r["payload"]["n"] for r in read_records(path)] == expected
+
+
+def test_append_raises_when_the_file_cannot_be_written(tmp_path):
+    with pytest.raises(IsADirectoryError):
+        DeadLetterFile(str(tmp_path)).append([record(1)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        DeadLetterFile(str(tmp_path / "file" / "dead.jsonl")).append([record(1)])
+
+
+def test_taken_moves_the_file_aside_and_removes_it_when_done(path):
+    store = DeadLetterFile(path)
+    store.append([record(1), record(2)])
+    with store.taken() as records:
+        (working,) = glob.glob(f"{path}.replaying-{os.getpid()}-*")
+        assert [r["payload"]["n"] for r in records] == [1, 2]
+        assert not os.path.exists(path)
+        store.append([record(3)])  # e.g. the app, meanwhile: a new file
+    assert not os.path.exists(working)
+    assert [r["payload"]["n"] for r in read_records(path)] == [3]
+
+
+def test_a_crash_while_taken_leaves_the_working_file(path):
+    store = DeadLetterFile(path)
+    store.append([record(1)])
+    with pytest.raises(RuntimeError), store.taken():
+        raise RuntimeError("replay crashed")
+    (working,) = glob.glob(f"{path}.replaying-{os.getpid()}-*")
+    assert [r["payload"]["n"] for r in read_records(working)] == [1]
+    assert not os.path.exists(path)
+
+
+def test_a_second_take_with_the_same_pid_keeps_the_leftover(path):
+    """A reused pid (pid 1 in a container) must not overwrite a crashed replay's file."""
+    store = DeadLetterFile(path)
+    store.append([record(1)])
+    with pytest.raises(RuntimeError), store.taken():
+        raise RuntimeError("replay crashed")
+    store.append([record(2)])
+    with store.taken():
+        pass
+    (left,) = glob.glob(f"{path}.replaying-{os.getpid()}-*")
+    assert [r["payload"]["n"] for r in read_records(left)] == [1]
+
+
+def test_taken_of_a_missing_file_raises(path):
+    with pytest.raises(FileNotFoundError), DeadLetterFile(path).taken():
+        pass  # the CLI turns it into "no such file"
+
+
+def test_read_records_skips_and_logs_what_is_not_a_record(path, caplog):
+    lines = [
+        compact(record(1)),
+        '{"url": "u", "payl',  # torn
+        "",  # blank: skipped silently
+        "[1, 2]",  # JSON, not a record
+        '{"url": "u"}',  # no payload
+        compact(record(2)),
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    assert [r["payload"]["n"] for r in read_records(path)] == [1, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:2: skipped a damaged dead-letter record",
+        f"{path}:4: skipped a value that is not a dead-letter record",
+        f"{path}:5: skipped a value that is not a dead-letter record",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_read_records_survives_bytes_that_are_not_utf8(path):
+    with open(path, "wb") as f:
+        f.write(b'{"url": "u", "payload": {"name": "\xff"}}\n')
+    assert read_records(path) == [{"url": "u", "payload": {"name": "\ufffd"}}]
+
+
+@pytest.mark.parametrize("text", [compact(record(1)), compact(record(1)).encode()])
+def test_parse_record_takes_text_or_bytes(text):
+    assert parse_record(text, "here") == record(1)
+
+
+def test_parse_record_names_where_the_damage_is(caplog):
+    assert parse_record(b"\x00garbage", "dead.jsonl:7") is None
+    assert parse_record("42", "list[3]") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "dead.jsonl:7: skipped a damaged dead-letter record",
+        "list[3]: skipped a value that is not a dead-letter record",
+    ]
+
+
+# -- choosing a store ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [
+        pytest.param("/var/lib/xo/dead.jsonl", "DeadLetterFile", id="absolute-path"),
+        pytest.param("dead.jsonl", "DeadLetterFile", id="relative-path"),
+        pytest.param(
+            "redis://127.0.0.1:6379/0", "RedisDeadLetter", id="redis", marks=needs_redis_py
+        ),
+        pytest.param(
+            "rediss://127.0.0.1:6380/1?key=k", "RedisDeadLetter", id="rediss", marks=needs_redis_py
+        ),
+    ],
+)
+def test_open_dead_letter_chooses_by_scheme(target, kind):
+    store = open_dead_letter(target)  # connects to nothing yet
+    assert type(store).__name__ == kind
+    if kind == "DeadLetterFile":
+        assert store.path == target
+
+
+def test_a_file_store_never_loads_redis():
+    code = (
+        "import sys\n"
+        "from xo_webhooks.sending.policy import open_dead_letter\n"
+        "open_dead_letter('dead.jsonl').append([])\n"
+        "assert 'redis' not in sys.modules, 'redis was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- what DeadLetters writes ---------------------------------------------------------------
+
+
+class Collector:
+    """A store that keeps what it is given (as ``replay`` does)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def append(self, records) -> None:
+        self.records.extend(records)
+
+
+class Broken:
+    def append(self, records) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def failed_delivery() -> Delivery:
+    hook = Hook(
+        method="vm.start", type="post", url="http://127.0.0.1:9/",
+        secret="whsec_" + "A" * 32, headers=(("Authorization", "Bearer t0k3n"),),
+    )  # fmt: skip
+    payload = {
+        **POST,
+        "params": {"id": "vm-1", "hunter2": "pw-in-params", "nested": [{"Hunter2": "deep"}]},
+        "result": {"hunter2": "pw-in-result", "ok": True},
+    }
+    delivery = Delivery(hook, payload, id="msg_1", attempts=3, last_error="HTTP 503")
+    return delivery
+
+
+def test_dead_letters_redact_before_the_store_sees_a_record():
+    settings = load_settings(environ={}, redact=["hunter2"])
+    store = Collector()
+    assert DeadLetters(settings, store=store).keep([failed_delivery()])
+    (kept,) = store.records
+    assert set(kept) == {"id", "url", "format", "payload", "attempts", "lastError", "failedAt"}
+    assert kept["payload"]["params"] == {
+        "id": "vm-1",
+        "hunter2": "***",
+        "nested": [{"Hunter2": "***"}],
+    }
+    assert kept["payload"]["result"] == {"hunter2": "***", "ok": True}
+    assert (kept["id"], kept["attempts"], kept["lastError"]) == ("msg_1", 3, "HTTP 503")
+    text = json.dumps(kept)
+    for secret in ("pw-in", "deep", "t0k3n", "whsec_", "Authorization"):
+        assert secret not in text  # nor the hook's secret and header values
+
+
+def test_dead_letters_redact_error_data_and_write_the_file(path):
+    settings = load_settings(environ={}, dead_letter=path)
+    payload = {**PRE, "type": "post", "duration": 1,
+               "error": {"code": 1, "message": "no", "data": {"token": "t0ps3cret"}}}  # fmt: skip
+    delivery = Delivery(Hook(method="vm.start", type="post", url="http://127.0.0.1:9/"), payload)
+    assert DeadLetters(settings).keep([delivery])
+    with open(path, "rb") as f:
+        assert b"t0ps3cret" not in f.read()
+    (kept,) = read_records(path)
+    assert kept["payload"]["error"] == {"code": 1, "message": "no", "data": {"token": "***"}}
+
+
+def test_a_given_store_survives_reopen():
+    store = Collector()
+    dead_letters = DeadLetters(load_settings(environ={}, dead_letter="/nonexistent"), store=store)
+    dead_letters.reopen()  # as after a fork
+    assert dead_letters.store is store
+
+
+def test_a_failing_store_loses_the_hooks_and_says_why(caplog):
+    dead_letters = DeadLetters(load_settings(environ={}), store=Broken())
+    assert dead_letters.keep([failed_delivery()]) is False
+    (log,) = caplog.records
+    assert log.levelno == logging.ERROR
+    assert "the dead-letter store failed: OSError: [Errno 28] No space left on device" in (
+        log.getMessage()
+    )
+    assert dead_letters.keep([]) is True  # nothing to keep: nothing lost
+
+
+def test_kept_hooks_are_logged_once_per_interval(caplog):
+    dead_letters = DeadLetters(load_settings(environ={}), store=Collector())
+    for _ in range(3):
+        assert dead_letters.keep([failed_delivery()])
+    (log,) = caplog.records
+    assert log.levelno == logging.WARNING and "written to" in log.getMessage()
+    assert "vm-1" not in log.getMessage()  # never params
+
+
+# -- the Redis list ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """``redis-server`` on an ephemeral loopback port, without persistence."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = self.client(db=0)
+        try:
+            wait_until(lambda: self._answers(client), 10, "redis-server to answer PING")
+        finally:
+            client.close()
+        return self
+
+    def _answers(self, client: Any) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            assert self.process is not None and self.process.poll() is None, "redis-server died"
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def client(self, db: int = 0) -> Any:
+        return redis.Redis(port=self.port, db=db, socket_timeout=5)
+
+
+def skip_without_redis() -> None:
+    if redis is None:
+        pytest.skip("the celery extra (redis-py) is not installed")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    skip_without_redis()
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server(redis_server: RedisServer) -> RedisServer:
+    """The module's Redis, emptied for this test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server
+
+
+@pytest.fixture
+def client(server: RedisServer) -> Iterator[Any]:
+    """A client of the module's Redis, for the test to look with."""
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def stores() -> Iterator[list[RedisDeadLetter]]:
+    """Stores whose connections are closed at teardown."""
+    made: list[RedisDeadLetter] = []
+    yield made
+    for store in made:
+        store.client.close()
+
+
+def open_store(stores: list[RedisDeadLetter], url: str, **kwargs: Any) -> RedisDeadLetter:
+    stores.append(RedisDeadLetter(url, **kwargs))
+    return stores[-1]
+
+
+def working_keys(client: Any, key: str) -> list[str]:
+    """The working lists of this process's replays of *key*."""
+    pattern = f"{key}:replaying:{socket.gethostname()}:{os.getpid()}:*"
+    return [k.decode() for k in client.keys(pattern)]
+
+
+@needs_redis_py
+@pytest.mark.parametrize(
+    ("query", "key", "rest"),
+    [
+        pytest.param("", DEFAULT_KEY, "", id="default"),
+        pytest.param("?key=hooks:failed", "hooks:failed", "", id="key"),
+        pytest.param("?key=", DEFAULT_KEY, "", id="empty-key"),
+        pytest.param("?key=a&key=b", "b", "", id="last-key-wins"),
+        pytest.param("?socket_keepalive=true&key=k", "k", "?socket_keepalive=true", id="rest-kept"),
+    ],
+)
+def test_the_key_parameter_names_the_list_and_is_taken_out_of_the_url(query, key, rest):
+    store = RedisDeadLetter("redis://127.0.0.1:6379/2" + query)
+    assert (store.key, store.url) == (key, "redis://127.0.0.1:6379/2" + rest)
+
+
+@needs_redis_py
+def test_repr_never_shows_a_password():
+    store = RedisDeadLetter("redis://user:s3cret@127.0.0.1:6379/2?key=k")
+    assert repr(store) == "RedisDeadLetter('redis://127.0.0.1:6379/2', key='k')"
+
+
+def listed(client: Any, key: str) -> list[str]:
+    return [v.decode() for v in client.lrange(key, 0, -1)]
+
+
+def test_append_pushes_a_batch_in_one_command(server, client, stores):
+    store = open_store(stores, server.url + "/0")
+    records = [record(1, note="café"), record(2)]
+    client.config_resetstat()
+    store.append(records)
+    store.append([])  # nothing: no command
+    assert client.info("commandstats")["cmdstat_rpush"]["calls"] == 1
+    assert listed(client, DEFAULT_KEY) == [compact(r) for r in records]
+    store.append([record(3)])
+    assert listed(client, DEFAULT_KEY)[2] == compact(record(3))  # appended after
+
+
+def test_the_list_lives_in_the_database_and_key_of_the_url(server, client, stores):
+    store = open_store(stores, f"{server.url}?db=2&key=hooks:failed")  # db: a redis-py option
+    store.append([record(1)])
+    with server.client(db=2) as other:
+        assert listed(other, "hooks:failed") == [compact(record(1))]
+    assert client.keys() == []  # nothing in database 0
+
+
+def test_redis_taken_renames_the_list_and_deletes_it_when_done(server, client, stores):
+    store = open_store(stores, server.url + "/0?key=dl")
+    store.append([record(1), record(2)])
+    with store.taken() as records:
+        assert [r["payload"]["n"] for r in records] == [1, 2]
+        (working,) = working_keys(client, "dl")
+        assert client.exists("dl") == 0 and client.llen(working) == 2
+        store.append([record(3)])  # meanwhile: a new list, not taken
+    assert working_keys(client, "dl") == []
+    assert listed(client, "dl") == [compact(record(3))]
+
+
+def test_redis_a_crash_while_taken_leaves_the_working_list(server, client, stores):
+    store = open_store(stores, server.url + "/0?key=dl")
+    store.append([record(1)])
+    with pytest.raises(RuntimeError), store.taken():
+        raise RuntimeError("replay crashed")
+    (working,) = working_keys(client, "dl")
+    assert listed(client, working) == [compact(record(1))]
+    assert client.exists("dl") == 0
+
+
+def test_redis_taken_of_an_empty_store_yields_nothing(server, stores):
+    with open_store(stores, server.url + "/0").taken() as records:
+        assert records == []
+
+
+def test_redis_taken_skips_and_logs_damaged_values(server, client, stores, caplog):
+    store = open_store(stores, server.url + "/0?key=dl")
+    client.rpush("dl", compact(record(1)), b'{"url": "u", "payl', b"[1]", compact(record(2)))
+    with store.taken() as records:
+        assert [r["payload"]["n"] for r in records] == [1, 2]
+    assert working_keys(client, "dl") == []
+    (where,) = {r.getMessage().split("[")[0] for r in caplog.records}
+    assert where.startswith(f"dl:replaying:{socket.gethostname()}:{os.getpid()}:")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{where}[2]: skipped a damaged dead-letter record",
+        f"{where}[3]: skipped a value that is not a dead-letter record",
+    ]
+
+
+def test_an_unreachable_redis_fails_fast_then_is_tried_again(stores, monkeypatch):
+    skip_without_redis()
+    monkeypatch.setattr(deadletter_redis, "FAIL_FAST_SECONDS", 0.3)
+    later = RedisServer()  # its port: nothing listens yet
+    store = open_store(stores, later.url + "/0", timeout=0.5)
+    with pytest.raises(redis.ConnectionError):
+        store.append([record(1)])
+    later.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="unreachable less than"):
+            store.append([record(2)])  # Redis is up, but not asked: it just failed
+        assert time.monotonic() - started < 0.5  # no connect timeout waited
+
+        def appended() -> bool:
+            try:
+                store.append([record(3)])
+            except ConnectionError:
+                return False
+            return True
+
+        wait_until(appended, 5, "an append once the fail-fast window is over")
+        with later.client() as client:
+            assert listed(client, DEFAULT_KEY) == [compact(record(3))]
+    finally:
+        later.stop()
+
+
+def test_dead_letters_write_to_redis_and_log_no_password(server, client, stores, caplog):
+    target = f"redis://:pw-never-logged@127.0.0.1:{server.port}/0?key=dl"
+    client.config_set("requirepass", "pw-never-logged")  # this connection stays signed in
+    try:
+        dead_letters = DeadLetters(load_settings(environ={}, dead_letter=target))
+        stores.append(dead_letters.store)
+        assert dead_letters.keep([failed_delivery()])
+        (value,) = listed(client, "dl")
+    finally:
+        client.config_set("requirepass", "")
+    assert json.loads(value)["id"] == "msg_1"
+    assert "pw-never-logged" not in caplog.text
+    assert f"RedisDeadLetter('redis://127.0.0.1:{server.port}/0', key='dl')" in caplog.text
