@@ -16,6 +16,7 @@ from werkzeug.serving import make_server
 from xo_webhooks import WebhookMiddleware
 
 from .apps import create_app
+from .helpers import RedisServer, free_port, skip_without_redis
 
 
 class ServedApp:
@@ -74,12 +75,16 @@ def wrap() -> Iterator[Callable[..., WebhookMiddleware]]:
 @pytest.fixture
 def refused_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (the port was just freed)."""
-    import socket
+    return f"http://127.0.0.1:{free_port()}/"
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server for the test module (skipped, saying why, when there is none)."""
+    skip_without_redis()
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

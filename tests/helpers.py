@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import base64
+import shutil
+import socket
+import subprocess
 from typing import Any
+
+import pytest
+
+from .waiting import wait_until
 
 #: The Standard Webhooks example secret (24 bytes), and another one (32 bytes).
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -57,3 +64,68 @@ def assert_ledger(stats: dict[str, Any]) -> None:
         stats["delivered"] + stats.get("published", 0) + stats["failed"] + stats["pending"]
     ), stats
     assert stats["failed"] == stats["dead_lettered"] + stats["lost"], stats
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (it was just freed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_without_redis() -> None:
+    """Skip the test, saying why, without redis-py (the celery extra) or redis-server."""
+    pytest.importorskip("redis", reason="the celery extra (redis-py) is not installed")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (CI installs it: apt-get install redis-server)")
+
+
+class RedisServer:
+    """``redis-server`` on an ephemeral loopback port, without persistence; ``url`` is
+    its database 0, ``url_of(n)`` another one."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = self.url_of(0)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url_of(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = self.client()
+        try:
+            wait_until(lambda: self._answers(client), 10, "redis-server to answer PING")
+        finally:
+            client.close()
+        return self
+
+    def _answers(self, client: Any) -> bool:
+        import redis
+
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            assert self.process is not None and self.process.poll() is None, "redis-server died"
+            return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    def client(self, db: int = 0) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, db=db, socket_timeout=5)

@@ -18,7 +18,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -35,7 +34,7 @@ from xo_webhooks.sending.deadletter import DeadLetterFile, parse_record, read_re
 from xo_webhooks.sending.delivery import Delivery
 from xo_webhooks.sending.policy import DeadLetters, open_dead_letter
 
-from .helpers import POST, PRE
+from .helpers import POST, PRE, RedisServer, skip_without_redis
 from .waiting import wait_until
 
 try:  # the celery extra: only the Redis tests need it
@@ -342,65 +341,6 @@ def test_kept_hooks_are_logged_once_per_interval(caplog):
 # -- the Redis list ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """``redis-server`` on an ephemeral loopback port, without persistence."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = self.client(db=0)
-        try:
-            wait_until(lambda: self._answers(client), 10, "redis-server to answer PING")
-        finally:
-            client.close()
-        return self
-
-    def _answers(self, client: Any) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            assert self.process is not None and self.process.poll() is None, "redis-server died"
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def client(self, db: int = 0) -> Any:
-        return redis.Redis(port=self.port, db=db, socket_timeout=5)
-
-
-def skip_without_redis() -> None:
-    if redis is None:
-        pytest.skip("the celery extra (redis-py) is not installed")
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    skip_without_redis()
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def server(redis_server: RedisServer) -> RedisServer:
     """The module's Redis, emptied for this test."""
@@ -463,7 +403,7 @@ def listed(client: Any, key: str) -> list[str]:
 
 
 def test_append_pushes_a_batch_in_one_command(server, client, stores):
-    store = open_store(stores, server.url + "/0")
+    store = open_store(stores, server.url)
     records = [record(1, note="café"), record(2)]
     client.config_resetstat()
     store.append(records)
@@ -475,7 +415,9 @@ def test_append_pushes_a_batch_in_one_command(server, client, stores):
 
 
 def test_the_list_lives_in_the_database_and_key_of_the_url(server, client, stores):
-    store = open_store(stores, f"{server.url}?db=2&key=hooks:failed")  # db: a redis-py option
+    store = open_store(
+        stores, f"redis://127.0.0.1:{server.port}?db=2&key=hooks:failed"
+    )  # db: a redis-py option
     store.append([record(1)])
     with server.client(db=2) as other:
         assert listed(other, "hooks:failed") == [compact(record(1))]
@@ -505,7 +447,7 @@ def test_redis_a_crash_while_taken_leaves_the_working_list(server, client, store
 
 
 def test_redis_taken_of_an_empty_store_yields_nothing(server, stores):
-    with open_store(stores, server.url + "/0").taken() as records:
+    with open_store(stores, server.url).taken() as records:
         assert records == []
 
 
@@ -527,7 +469,7 @@ def test_an_unreachable_redis_fails_fast_then_is_tried_again(stores, monkeypatch
     skip_without_redis()
     monkeypatch.setattr(deadletter_redis, "FAIL_FAST_SECONDS", 0.3)
     later = RedisServer()  # its port: nothing listens yet
-    store = open_store(stores, later.url + "/0", timeout=0.5)
+    store = open_store(stores, later.url, timeout=0.5)
     with pytest.raises(redis.ConnectionError):
         store.append([record(1)])
     later.start()

@@ -15,9 +15,13 @@ attempts so far. It never holds a secret or a header: the worker takes both from
 own configuration, from the hook with that URL, else the global secret.
 
 At least once: messages are acknowledged after delivery and redelivered when a worker
-dies (:data:`VISIBILITY_TIMEOUT`). Ordering: a post hook whose pre hook (same call,
-same URL) is still on its way waits for it, polling a marker the pre's worker sets in
-Redis, for at most the pre's whole retry schedule (see :meth:`Worker.hold_limit`).
+dies (:data:`VISIBILITY_TIMEOUT`), with one exception that kombu's Redis transport
+leaves open: a worker takes a message with ``BRPOP``, which removes it from the queue,
+and records it as unacknowledged in a second command; a worker killed in between (a
+millisecond, more when it is busy) loses that message. So a message is taken as few
+times as possible (see :meth:`Worker._hold`). Ordering: a post hook whose pre hook (same
+call, same URL) is still on its way waits for it, polling a marker the pre's worker sets
+in Redis, for at most the pre's whole retry schedule (see :meth:`Worker.hold_limit`).
 
 Needs the ``celery`` extra; the base install never imports this module.
 """
@@ -59,8 +63,9 @@ QUEUE = "xo-webhooks"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 #: Seconds before a message a worker took but never acknowledged (it was killed) is
 #: given to another worker. Longer than the longest wait a worker holds a message for
-#: (a retry's countdown, at most ``policy.MAX_DELAY`` = 60 s, plus one attempt), short enough
-#: for a redelivery within 2 minutes. A message held longer is delivered twice.
+#: (a retry's countdown, at most ``policy.MAX_DELAY`` = 60 s, plus one attempt; a held
+#: post's, less), short enough for a redelivery within 2 minutes. A message held longer
+#: is delivered twice.
 VISIBILITY_TIMEOUT = 90
 #: Seconds between a worker's sweeps for such messages (kombu's default is 100).
 RESTORE_INTERVAL = 5
@@ -71,7 +76,12 @@ BROKER_DOWN_SECONDS = 1.0
 #: Marks a delivered or given-up pre hook, for its post hook (``SET ... EX``).
 PRE_DONE_KEY = "xo-webhooks:pre-done:{}"
 PRE_DONE_TTL = 3600
-HOLD_FIRST_POLL, HOLD_MAX_POLL = 0.1, 5.0  # seconds between a held post's checks
+#: Seconds a post hook first waits in its task for its pre hook (a pre being delivered
+#: right now), checking every ``HOLD_WAIT_POLL``, before it is put back in the queue.
+HOLD_WAIT, HOLD_WAIT_POLL = 1.0, 0.05
+#: Seconds before a held post's later checks: doubling, so that a long hold is taken
+#: from the queue a few times, not every few seconds; capped below the visibility timeout.
+HOLD_FIRST_POLL, HOLD_MAX_POLL = 1.0, 30.0
 
 
 def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
@@ -183,19 +193,22 @@ class Worker:
         return "failed"
 
     def _hold(self, task: Task, message: dict[str, Any], delivery: Delivery) -> None:
-        """Retry a post hook shortly while its pre hook is not done, up to the limit."""
+        """Hold a post hook while its pre hook is not done, up to the limit.
+
+        Putting a post back in the queue means one more take of its message, and a
+        worker killed while taking a message loses it (see the module docstring). So a
+        post first waits here for a pre that is being delivered right now (most holds),
+        and is put back only for one that is slower, or retrying.
+        """
         keys = [PRE_DONE_KEY.format(pre_id) for pre_id in message["after"]]
-        try:
-            if self.markers.exists(*keys) == len(keys):
-                return
-        except redis.RedisError:
-            logger.warning("could not check whether the pre hook is done", exc_info=True)
+        holds = int(message.get("holds", 0))
+        if self._pres_done(keys, wait=0.0 if holds else HOLD_WAIT):
+            return
         now = time.time()
         until = float(message.get("holdUntil") or now + self.hold_limit)
         if now >= until:
             logger.warning("hook %s sent although its pre hook is not done", delivery.describe())
             return
-        holds = int(message.get("holds", 0))
         again = {**message, "holdUntil": until, "holds": holds + 1}
         countdown = min(HOLD_MAX_POLL, HOLD_FIRST_POLL * 2**holds)
         try:
@@ -206,6 +219,21 @@ class Worker:
             raise
         except Exception:  # the broker is gone: deliver now rather than lose the hook
             logger.warning("could not hold a post hook; sending it now", exc_info=True)
+
+    def _pres_done(self, keys: list[str], wait: float) -> bool:
+        """Whether the pre hooks of *keys* are all done, checking for up to *wait* s.
+        ``False`` at once when Redis cannot say: the post is then held, not sent."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if self.markers.exists(*keys) == len(keys):
+                    return True
+            except redis.RedisError:
+                logger.warning("could not check whether the pre hook is done", exc_info=True)
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(HOLD_WAIT_POLL)
 
     def _done(self, delivery: Delivery) -> None:
         """A delivery is finished: if it is a pre hook, let its post hook go."""
@@ -263,7 +291,6 @@ class CeleryDispatcher:
         # (callId, url) -> ids of the published pre hooks its post hooks wait for
         self._pres: OrderedDict[tuple[Any, str], list[str]] = OrderedDict()
         self._down_until = 0.0
-        self._last_lost_log = 0.0
         self._closed = False
 
     def submit(self, delivery: Delivery) -> None:
