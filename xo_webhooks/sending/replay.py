@@ -53,3 +53,6 @@ class _Collector:
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         self.records.extend(records)
+
+    def __repr__(self) -> str:  # in DeadLetters' log line
+        return "the records to append back after the replay"
