@@ -145,3 +145,18 @@ def test_every_documented_import_path_still_works(path):
 def test_the_directions_are_internal(part):
     """Their ``__init__`` exports nothing: the public names live at the top."""
     assert importlib.import_module(f"{PACKAGE}.{part}").__all__ == []
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if "celery" not in m))
+def test_each_logger_is_named_after_its_module(module):
+    """The README's troubleshooting table names loggers by module: keep it true."""
+    loaded = importlib.import_module(module)
+    logger = getattr(loaded, "logger", None)
+    if logger is not None:
+        assert logger.name == module
+
+
+def test_the_celery_modules_log_under_their_names_too():
+    pytest.importorskip("celery", reason="the celery extra is not installed")
+    loaded = importlib.import_module(f"{PACKAGE}.sending.celery")
+    assert loaded.logger.name == f"{PACKAGE}.sending.celery"
