@@ -506,3 +506,18 @@ def test_dead_letters_write_to_redis_and_log_no_password(server, client, stores,
     assert json.loads(value)["id"] == "msg_1"
     assert "pw-never-logged" not in caplog.text
     assert f"RedisDeadLetter('redis://127.0.0.1:{server.port}/0', key='dl')" in caplog.text
+
+
+def test_reopen_gives_a_forked_child_a_free_log_lock(tmp_path):
+    """A fork can happen while another thread holds the give-up log's lock: after
+    reopen() (the dispatcher's after-fork hook) keeping a hook must not wait for it."""
+    dead_letters = DeadLetters(load_settings(environ={}, dead_letter=str(tmp_path / "d.jsonl")))
+    dead_letters._lock.acquire()  # as a parent's thread would, at the moment of the fork
+    dead_letters.reopen()
+    kept: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: kept.append(dead_letters.keep([failed_delivery()])), daemon=True
+    )
+    worker.start()
+    worker.join(5)
+    assert kept == [True]

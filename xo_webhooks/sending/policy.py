@@ -184,12 +184,13 @@ class DeadLetters:
         self._redact = settings.redact
         self._given = store
         self.store: RecordWriter | None = store
-        self.reopen()
-        self._lock = threading.Lock()
         self._last_log = {"kept": 0.0, "lost": 0.0}
+        self.reopen()
 
     def reopen(self) -> None:
-        """Open the store afresh (in a child process after a fork: a lock may be held)."""
+        """Open the store and the log's lock afresh (in a child process after a fork,
+        another thread of the parent may have held either)."""
+        self._lock = threading.Lock()
         if self._given is None:
             self.store = open_dead_letter(self._target) if self._target else None
 
