@@ -281,7 +281,10 @@ def test_check_config_prints_the_hooks_and_settings():
     assert ["METHOD", "TYPE", "URL", "FORMAT", "WAITFORRESPONSE", "SIGNED"] in rows
     assert ["vm.start", "pre", "http://127.0.0.1:9/pre", "json", "yes", "yes"] in rows
     assert ["vm.*", "post", "https://ops:***@example.com/h", "slack", "no", "no"] in rows
-    assert "XO_WEBHOOKS_RETRIES=2" in result.stdout
+    assert "XO_WEBHOOKS_RETRY_SCHEDULE=1s,2s" in result.stdout
+    assert "2 endpoint(s):" in result.stdout
+    assert ["http://127.0.0.1:9", "hooks[0]"] in rows
+    assert ["https://example.com", "hooks[1]"] in rows  # no credentials in an endpoint
     assert "XO_WEBHOOKS_TIMEOUT=10" in result.stdout
     assert SECRET not in result.stdout and "hunter2" not in result.stdout
 

@@ -44,7 +44,7 @@ def test_check_config_prints_the_hooks_without_secrets(monkeypatch, capsys):
     monkeypatch.setenv("XO_WEBHOOKS_RETRIES", "2")
     assert main(["check-config"]) == 0
     out = capsys.readouterr().out
-    assert "1 hook(s):" in out and "vm.*" in out and "XO_WEBHOOKS_RETRIES=2" in out
+    assert "1 hook(s):" in out and "vm.*" in out and "XO_WEBHOOKS_RETRY_SCHEDULE=1s,2s" in out
     assert "hunter2" not in out and SECRET not in out
 
 
@@ -102,12 +102,12 @@ def test_replay_sends_the_records_and_keeps_what_still_fails(
         for n in range(3)
     ]  # fmt: skip
     DeadLetterFile(path).append(records)
-    webhook_receiver.respond_with(lambda n, hook: 410 if hook.payload["callId"] == "c1" else 204)
+    webhook_receiver.respond_with(lambda n, hook: 404 if hook.payload["callId"] == "c1" else 204)
     monkeypatch.setenv("XO_WEBHOOKS_RETRIES", "0")
     assert main(["replay", path]) == 1  # one still fails
     assert "read 3, delivered 2, still failing 1" in capsys.readouterr().out
     (left,) = read_records(path)
-    assert (left["id"], left["lastError"]) == ("msg_1", "HTTP 410")
+    assert (left["id"], left["lastError"]) == ("msg_1", "HTTP 404")
 
 
 def test_replay_of_a_missing_file(tmp_path, capsys):

@@ -45,11 +45,99 @@ def test_defaults() -> None:
     settings = load_settings(environ={})
     assert settings == Settings()
     assert settings == Settings(
-        hooks=(), timeout=10, max_workers=4, max_body=1024 * 1024, retries=5, backoff=1,
-        queue_size=10000, shutdown_timeout=10, redact=DEFAULT_REDACT, dispatcher="thread",
+        hooks=(), timeout=10, max_workers=4, max_body=1024 * 1024,
+        retry_schedule=(5, 300, 1800, 7200, 18000, 36000, 36000), endpoint_concurrency=2,
+        breaker_threshold=5, queue_size=10000, shutdown_timeout=10, redact=DEFAULT_REDACT, dispatcher="thread",
         secret=None, dead_letter=None, ca_bundle=None, broker_url=None,
     )  # fmt: skip
     assert {"password", "secret", "token", "authorization", "cookie"} <= set(DEFAULT_REDACT)
+
+
+def test_the_default_schedule_lasts_more_than_a_day() -> None:
+    settings = load_settings(environ={})
+    assert settings.retries == 7
+    assert sum(settings.retry_schedule) == 27 * 3600 + 35 * 60 + 5  # 27 h 35 min 5 s
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param({"XO_WEBHOOKS_RETRY_SCHEDULE": "5s,5m,30m,2h,5h,10h,10h"},
+                     (5, 300, 1800, 7200, 18000, 36000, 36000), id="env-the-default"),
+        pytest.param({"XO_WEBHOOKS_RETRY_SCHEDULE": " 1s, 1.5s ,250ms,1d "},
+                     (1, 1.5, 0.25, 86400), id="env-spaces-decimals-ms-days"),
+        pytest.param({"XO_WEBHOOKS_RETRY_SCHEDULE": "0s"}, (0,), id="env-zero"),
+        pytest.param({"file": {"retrySchedule": [1, 2.5, 60]}}, (1, 2.5, 60), id="file"),
+        pytest.param({"file": {"retrySchedule": []}}, (), id="file-no-retries"),
+        pytest.param({"kwarg": "1s,1s,2s"}, (1, 1, 2), id="kwarg-text"),
+        pytest.param({"kwarg": [0.5, 1]}, (0.5, 1), id="kwarg-seconds"),
+        pytest.param({"XO_WEBHOOKS_RETRIES": "3", "XO_WEBHOOKS_BACKOFF": "2"}, (2, 4, 8),
+                     id="shorthand"),
+        pytest.param({"XO_WEBHOOKS_RETRIES": "2"}, (1, 2), id="shorthand-default-backoff"),
+        pytest.param({"XO_WEBHOOKS_BACKOFF": "30"}, (30, 60, 60, 60, 60),
+                     id="shorthand-default-retries-capped"),
+    ],
+)  # fmt: skip
+def test_retry_schedule_sources(tmp_path: Path, source: dict, expected: tuple) -> None:
+    environ = {k: v for k, v in source.items() if k.startswith("XO_")}
+    if "file" in source:
+        environ["XO_WEBHOOKS_CONFIG"] = write_config(tmp_path, source["file"])
+    kwargs = {"retry_schedule": source["kwarg"]} if "kwarg" in source else {}
+    settings = load_settings(environ=environ, **kwargs)
+    assert settings.retry_schedule == expected
+    assert all(isinstance(delay, float) for delay in settings.retry_schedule)
+
+
+@pytest.mark.parametrize(
+    ("value", "item"),
+    [
+        pytest.param("5x", "item 1 ('5x')", id="unknown-unit"),
+        pytest.param("5s,-1s", "item 2 ('-1s')", id="negative"),
+        pytest.param("5s,,5m", "item 2 (empty)", id="empty-item"),
+        pytest.param("5s,", "item 2 (empty)", id="trailing-comma"),
+        pytest.param("5", "item 1 ('5')", id="no-unit"),
+        pytest.param("1e3s", "item 1 ('1e3s')", id="exponent"),
+    ],
+)
+def test_bad_retry_schedule_names_the_variable_and_the_item(value: str, item: str) -> None:
+    message = config_error(environ={"XO_WEBHOOKS_RETRY_SCHEDULE": value})
+    assert message.startswith(f"XO_WEBHOOKS_RETRY_SCHEDULE: {item} is not a duration")
+
+
+def test_retry_schedule_limits() -> None:
+    message = config_error(environ={"XO_WEBHOOKS_RETRY_SCHEDULE": "1s,8d"})
+    assert message.startswith("XO_WEBHOOKS_RETRY_SCHEDULE[1]: ")
+    assert "retry_schedule[0]" in config_error(environ={}, retry_schedule=[-1])
+
+
+@pytest.mark.parametrize(
+    ("environ", "kwargs", "named"),
+    [
+        pytest.param({"XO_WEBHOOKS_RETRY_SCHEDULE": "1s", "XO_WEBHOOKS_RETRIES": "2"}, {},
+                     "XO_WEBHOOKS_RETRY_SCHEDULE and XO_WEBHOOKS_RETRIES", id="env-env"),
+        pytest.param({"XO_WEBHOOKS_BACKOFF": "2"}, {"retry_schedule": "1s"},
+                     "retry_schedule and XO_WEBHOOKS_BACKOFF", id="kwarg-env"),
+        pytest.param({}, {"retry_schedule": [1], "retries": 1, "backoff": 1},
+                     "retry_schedule and retries and backoff", id="kwargs"),
+    ],
+)  # fmt: skip
+def test_both_forms_of_the_schedule_are_refused(environ: dict, kwargs: dict, named: str) -> None:
+    message = config_error(environ=environ, **kwargs)
+    assert message.startswith(f"{named}: give either a retry schedule or the retries")
+
+
+def test_endpoint_concurrency_and_breaker_threshold() -> None:
+    assert load_settings(environ={}, max_workers=1).endpoint_concurrency == 1
+    assert load_settings(environ={}, max_workers=9).endpoint_concurrency == 4
+    environ = {"XO_WEBHOOKS_ENDPOINT_CONCURRENCY": "3", "XO_WEBHOOKS_BREAKER_THRESHOLD": "2"}
+    settings = load_settings(environ=environ)
+    assert (settings.endpoint_concurrency, settings.breaker_threshold) == (3, 2)
+    assert config_error(environ={"XO_WEBHOOKS_ENDPOINT_CONCURRENCY": "0"}).startswith(
+        "XO_WEBHOOKS_ENDPOINT_CONCURRENCY: "
+    )
+    assert config_error(environ={"XO_WEBHOOKS_BREAKER_THRESHOLD": "x"}).startswith(
+        "XO_WEBHOOKS_BREAKER_THRESHOLD: "
+    )
 
 
 def test_hooks_from_env_var() -> None:

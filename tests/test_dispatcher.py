@@ -49,7 +49,7 @@ HOOK_B = Hook(method="vm.start", type="pre/post", url=URL_B)
 
 OK = Attempt(True, status=204)
 RETRY = Attempt(False, "HTTP 503", retryable=True, status=503)
-FINAL = Attempt(False, "HTTP 410", status=410)
+FINAL = Attempt(False, "HTTP 404", status=404)
 
 
 def hook(call_id: str, kind: str = "pre", target: Hook = HOOK_A) -> Delivery:
@@ -334,7 +334,7 @@ def test_deliver_now_of_a_final_failure_is_dead_lettered(make, dead_file):
     assert dispatcher.deliver_now(hook("c1")) is False
     assert dispatcher.flush(10)
     assert counts(dispatcher) == (1, 0, 0, 1, 1, 0, 0)
-    assert records(dead_file)["c1", "pre"]["lastError"] == "HTTP 410"
+    assert records(dead_file)["c1", "pre"]["lastError"] == "HTTP 404"
 
 
 # -- pre before post -----------------------------------------------------------------------

@@ -15,7 +15,8 @@ from xo_webhooks.request.payload import pre_payload
 from xo_webhooks.sending.delivery import Delivery
 from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.policy import (
-    MAX_DELAY,
+    JITTER,
+    MAX_RETRY_AFTER,
     Attempt,
     DeadLetters,
     RetryPolicy,
@@ -38,7 +39,9 @@ BACKOFF = 0.5
         pytest.param(410, None, Attempt(False, "HTTP 410", status=410), id="410-final"),
         pytest.param(429, None, Attempt(False, "HTTP 429", True, None, 429), id="429"),
         pytest.param(429, "7", Attempt(False, "HTTP 429", True, 7.0, 429), id="429-retry-after"),
-        pytest.param(503, "999", Attempt(False, "HTTP 503", True, MAX_DELAY, 503), id="503-cap"),
+        pytest.param(
+            503, "99999", Attempt(False, "HTTP 503", True, MAX_RETRY_AFTER, 503), id="503-cap"
+        ),
         pytest.param(500, None, Attempt(False, "HTTP 500", True, None, 500), id="500"),
     ],
 )
@@ -62,7 +65,8 @@ def test_judge_failure():
     [
         pytest.param(None, None, id="absent"),
         pytest.param("3", 3.0, id="seconds"),
-        pytest.param("86400", MAX_DELAY, id="capped"),
+        pytest.param("1800", 1800.0, id="half-an-hour"),
+        pytest.param("86400", MAX_RETRY_AFTER, id="capped-at-an-hour"),
         pytest.param("soon", None, id="garbage"),
         pytest.param("\u00b2", None, id="superscript-two"),
         pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", 0.0, id="date-in-the-past"),
@@ -78,7 +82,7 @@ def test_retry_after_as_a_future_date():
 
 
 def test_next_delay_gives_up_after_the_retries_and_on_final_answers():
-    policy = RetryPolicy(retries=2, backoff=1.0)
+    policy = RetryPolicy((1.0, 2.0))
     retryable = Attempt(False, "HTTP 503", True)
     assert policy.next_delay(1, retryable) is not None
     assert policy.next_delay(2, retryable) is not None
@@ -87,17 +91,28 @@ def test_next_delay_gives_up_after_the_retries_and_on_final_answers():
     assert policy.next_delay(1, Attempt(True, status=204)) is None
 
 
-def test_backoff_is_exponential_jittered_and_capped():
-    policy, failed = RetryPolicy(retries=10, backoff=1.0), Attempt(False, "HTTP 503", True)
-    for attempts, ceiling in [(1, 1), (2, 2), (3, 4), (10, 60)]:
+def test_each_delay_follows_the_schedule_jittered_below_it():
+    policy, failed = RetryPolicy((5.0, 300.0, 7200.0)), Attempt(False, "HTTP 503", True)
+    for attempts, scheduled in [(1, 5.0), (2, 300.0), (3, 7200.0)]:
         delays = [policy.next_delay(attempts, failed) for _ in range(50)]
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert all(JITTER * scheduled <= d <= scheduled for d in delays)
         assert len(set(delays)) > 1  # jittered
     assert policy.next_delay(3, Attempt(False, "HTTP 429", True, retry_after=7.0)) == 7.0
+    assert policy.next_delay(4, failed) is None
 
 
-def test_longest_schedule():
-    assert RetryPolicy(retries=2, backoff=1.0).longest_schedule(10) == 3 * 10 + 2 * MAX_DELAY
+def test_the_shorthand_is_an_exponential_schedule_capped_at_a_minute():
+    assert load_settings(environ={}, retries=8, backoff=1).retry_schedule == (
+        1, 2, 4, 8, 16, 32, 60, 60,
+    )  # fmt: skip
+    assert load_settings(environ={}, retries=0).retry_schedule == ()
+
+
+def test_remaining_and_longest_schedule():
+    policy = RetryPolicy((1.0, 2.0, 4.0))
+    assert [policy.remaining(n) for n in range(5)] == [7.0, 6.0, 4.0, 0.0, 0.0]
+    assert policy.longest_schedule(10) == 4 * 10 + 7.0
+    assert RetryPolicy(()).longest_schedule(10) == 10
 
 
 def test_dead_letters_redact_write_and_count(tmp_path, caplog):
@@ -164,7 +179,7 @@ def _decision(delivered: bool, recorded: list[tuple[Attempt, float | None]]) -> 
     if attempt.retry_after is not None:
         assert delay == attempt.retry_after
         return delay, attempt
-    assert BACKOFF / 2 <= delay <= BACKOFF
+    assert JITTER * BACKOFF <= delay <= BACKOFF
     return "backoff", attempt
 
 

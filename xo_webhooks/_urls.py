@@ -3,11 +3,12 @@ Shared by configuration (checked at start) and sending (parsed per route)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.parse
 from typing import NamedTuple
 
-__all__ = ["HttpUrl", "parse_http_url", "mask_url"]
+__all__ = ["HttpUrl", "parse_http_url", "mask_url", "endpoint_of"]
 
 
 class HttpUrl(NamedTuple):
@@ -39,3 +40,18 @@ def parse_http_url(url: str) -> HttpUrl:
 def mask_url(text: str) -> str:
     """*text* with the password of any URL in it replaced by ``***``."""
     return re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
+
+
+@functools.lru_cache(maxsize=1024)
+def endpoint_of(url: str) -> str:
+    """The endpoint of *url*: its origin, as a browser writes it (``https://host``,
+    ``http://127.0.0.1:8080``; the port only when it is not the scheme's default)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or port == {"http": 80, "https": 443}.get(scheme):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from ._text import shorten
-from ._urls import mask_url
+from ._urls import endpoint_of, mask_url
 from ._version import __version__
 from .config import ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError
@@ -269,6 +269,7 @@ def _one_line(error: BaseException) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings()
     _print_hooks(settings, sys.stdout)
+    _print_endpoints(settings, sys.stdout)
     print("\nsettings:")
     for field in dataclasses.fields(settings):
         if field.name != "hooks":
@@ -300,7 +301,22 @@ def _print_hooks(settings: Settings, out: TextIO) -> None:
     out.flush()
 
 
+def _print_endpoints(settings: Settings, out: TextIO) -> None:
+    """The endpoints (origins) the hooks go to, each with the hooks that use it."""
+    endpoints: dict[str, list[str]] = {}
+    for n, hook in enumerate(settings.hooks):
+        endpoints.setdefault(endpoint_of(hook.url), []).append(f"hooks[{n}]")
+    if not endpoints:
+        return
+    width = max(map(len, endpoints))
+    print(f"\n{len(endpoints)} endpoint(s):", file=out)
+    for origin, hooks in endpoints.items():
+        print(f"  {origin.ljust(width)}  {', '.join(hooks)}", file=out)
+
+
 def _setting(name: str, value: Any) -> str:
+    if name == "retry_schedule":
+        return ",".join(map(_duration, value)) or "(no retries)"
     if name in ("secret", "broker_url"):  # may hold credentials: say only whether set
         return "(not set)" if value is None else "(set, not shown)"
     if value is None:
@@ -308,6 +324,14 @@ def _setting(name: str, value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "(empty)"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    """``300`` -> ``5m``: the largest unit that writes *seconds* whole."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _yes(flag: bool) -> str:

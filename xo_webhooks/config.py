@@ -25,7 +25,15 @@ from .errors import ConfigError
 from .schema import error_message, load_schema, validator
 from .signing import parse_secret
 
-__all__ = ["Hook", "Settings", "load_settings", "ENV_PREFIX", "DEFAULT_REDACT"]
+__all__ = [
+    "Hook",
+    "Settings",
+    "load_settings",
+    "parse_durations",
+    "ENV_PREFIX",
+    "DEFAULT_REDACT",
+    "DEFAULT_RETRY_SCHEDULE",
+]
 
 ENV_PREFIX = "XO_WEBHOOKS_"
 DEFAULT_REDACT = (
@@ -37,8 +45,11 @@ DEFAULTS: dict[str, Any] = {
     "maxWorkers": 4,
     "maxBody": 1024 * 1024,
     "paths": [],
-    "retries": 5,
-    "backoff": 1.0,
+    "retrySchedule": None,  # DEFAULT_RETRY_SCHEDULE, unless retries or backoff is given
+    "retries": None,
+    "backoff": None,
+    "endpointConcurrency": None,  # half of maxWorkers, at least 1
+    "breakerThreshold": 5,
     "queueSize": 10000,
     "deadLetter": None,
     "shutdownTimeout": 10.0,
@@ -48,6 +59,13 @@ DEFAULTS: dict[str, Any] = {
     "dispatcher": "thread",
     "brokerUrl": None,
 }
+#: Seconds before each retry by default (5s,5m,30m,2h,5h,10h,10h): 27 h 35 min, as
+#: the Standard Webhooks spec asks for a schedule spanning more than a day.
+DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+#: The exponential shorthand (``XO_WEBHOOKS_RETRIES`` and ``XO_WEBHOOKS_BACKOFF``):
+#: their defaults when only one is given, and the cap of each delay, in seconds.
+SHORTHAND_RETRIES, SHORTHAND_BACKOFF, SHORTHAND_CAP = 5, 1.0, 60.0
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @dataclass(frozen=True)
@@ -111,8 +129,9 @@ class Settings:
     max_workers: int = DEFAULTS["maxWorkers"]
     max_body: int = DEFAULTS["maxBody"]
     paths: tuple[str, ...] = ()
-    retries: int = DEFAULTS["retries"]
-    backoff: float = DEFAULTS["backoff"]
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    endpoint_concurrency: int = 0  # 0: half of max_workers, at least 1
+    breaker_threshold: int = DEFAULTS["breakerThreshold"]
     queue_size: int = DEFAULTS["queueSize"]
     dead_letter: str | None = None
     shutdown_timeout: float = DEFAULTS["shutdownTimeout"]
@@ -121,6 +140,15 @@ class Settings:
     ca_bundle: str | None = None
     dispatcher: str = "thread"
     broker_url: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.endpoint_concurrency:
+            object.__setattr__(self, "endpoint_concurrency", max(1, self.max_workers // 2))
+
+    @property
+    def retries(self) -> int:
+        """Retries after the first attempt: the length of the schedule."""
+        return len(self.retry_schedule)
 
 
 def camel_to_snake(name: str) -> str:
@@ -176,6 +204,8 @@ def load_settings(
             raise TypeError(f"unknown setting {snake!r}; expected one of {sorted(SNAKE_TO_CAMEL)}")
         if value is not None:
             key = SNAKE_TO_CAMEL[snake]
+            if key == "retrySchedule" and isinstance(value, str):
+                value = parse_durations(value, snake)
             document[key] = list(value) if isinstance(value, (tuple, set, frozenset)) else value
             sources[key] = snake
 
@@ -207,6 +237,8 @@ def _parse_env(name: str, raw: str, key: str) -> Any:
             return json.loads(text)
         except ValueError as e:
             raise ConfigError(f"{name}: not valid JSON: {e}") from None
+    if key == "retrySchedule":
+        return parse_durations(text, name)
     if kind == "array":
         return [word.strip() for word in text.split(",") if word.strip()]
     try:
@@ -227,6 +259,12 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
         value = document.get(key)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{sources[key]}: must be a finite number, not {value}")
+    shorthand = [sources[k] for k in ("retries", "backoff") if k in document]
+    if "retrySchedule" in document and shorthand:
+        raise ConfigError(
+            f"{sources['retrySchedule']} and {' and '.join(shorthand)}: give either a retry "
+            "schedule or the retries and backoff shorthand for one, not both"
+        )
     _check_hooks(document.get("hooks", []), sources.get("hooks", "hooks"))
     if document.get("caBundle"):
         try:
@@ -317,9 +355,46 @@ def _unexpected_keys(error: ValidationError) -> list[str]:
 def _build(document: dict[str, Any]) -> Settings:
     values: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in document.items() if k != "hooks"}}
     for key, value in values.items():
+        if value is None:
+            continue
         if CONFIG_PROPERTIES[key].get("type") == "integer":
             values[key] = int(value)  # 4.0 is a valid integer to the schema; range() wants 4
         elif isinstance(value, list):
             values[key] = tuple(value)
+    values["retrySchedule"] = _schedule(
+        values["retrySchedule"], values.pop("retries"), values.pop("backoff")
+    )
+    values["endpointConcurrency"] = values["endpointConcurrency"] or 0
     hooks = tuple(Hook.from_dict(raw, values["secret"]) for raw in document.get("hooks", []))
     return Settings(hooks=hooks, **{camel_to_snake(k): v for k, v in values.items()})
+
+
+def _schedule(
+    schedule: tuple[float, ...] | None, retries: int | None, backoff: float | None
+) -> tuple[float, ...]:
+    """The retry schedule: the one given, else the exponential shorthand (``backoff *
+    2**n``, capped) when retries or backoff is given, else the default."""
+    if schedule is not None:
+        return tuple(float(delay) for delay in schedule)
+    if retries is None and backoff is None:
+        return DEFAULT_RETRY_SCHEDULE
+    retries = SHORTHAND_RETRIES if retries is None else retries
+    backoff = SHORTHAND_BACKOFF if backoff is None else backoff
+    return tuple(min(SHORTHAND_CAP, backoff * 2**n) for n in range(retries))
+
+
+def parse_durations(text: str, where: str) -> list[float]:
+    """Seconds from comma-separated durations with units (``5s,5m,30m,2h,1d``, also
+    ``ms``); raise :class:`ConfigError` naming *where* and the bad item."""
+    seconds = []
+    for n, item in enumerate(text.split(","), 1):
+        word = item.strip()
+        match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)", word)
+        if not match:
+            shown = repr(word) if word else "empty"
+            raise ConfigError(
+                f"{where}: item {n} ({shown}) is not a duration: "
+                "expected a number and a unit (ms, s, m, h, d), e.g. 5s,5m,30m,2h"
+            )
+        seconds.append(float(match[1]) * DURATION_UNITS[match[2]])
+    return seconds

@@ -158,6 +158,13 @@ class WebhookMiddleware:
         dead_lettered, lost, pending."""
         return self.dispatcher.stats()
 
+    def endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        """For each endpoint (a hook URL's scheme, host and port): its ``state``
+        (``closed``, ``open``, ``half-open``, ``disabled``), ``pending``, ``delivered``,
+        ``failed``, ``consecutive_failures``, ``last_error``, ``last_success`` and
+        ``opened_at`` (epoch seconds or ``None``)."""
+        return self.dispatcher.endpoint_stats()
+
     @contextmanager
     def call(
         self,

@@ -18,11 +18,13 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter
 from typing import Any, Protocol
 
 from ..config import Settings
 from .delivery import Delivery, Sender
+from .endpoints import Gate, probe_lease
+from .lanes import Lane, Lanes
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
 
@@ -54,6 +56,9 @@ class Dispatcher(Protocol):
     def stats(self) -> dict[str, int]:
         """Integer counters since start (see :data:`STAT_NAMES`)."""
 
+    def endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        """Each endpoint's breaker state and counters (see :class:`ThreadDispatcher`)."""
+
 
 def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
     dispatcher = ref()
@@ -64,9 +69,14 @@ def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
 
 
 class ThreadDispatcher:
-    """Delivers hooks from ``settings.max_workers`` threads.
+    """Delivers hooks from ``settings.max_workers`` threads, endpoint by endpoint.
 
-    :param settings: retries, backoff, queue size, dead-letter store, timeouts.
+    Each endpoint (a hook URL's origin) has its own lane (:mod:`.lanes`): at most
+    ``settings.endpoint_concurrency`` attempts in flight, its share of the pending
+    bound, and a circuit breaker (:mod:`.endpoints`) that stops attempts to an endpoint
+    that is down, while its hooks wait without holding a thread.
+
+    :param settings: retry schedule, queue size, concurrency, dead-letter store, timeouts.
     :param sender: the transport (a :class:`Sender` by default).
     :param dead_letters: where hooks given up on go (by default the configured store;
         ``xo-webhooks replay`` collects them with its own).
@@ -83,6 +93,7 @@ class ThreadDispatcher:
         self.sender = sender or Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = dead_letters or DeadLetters(settings)
+        self._lease = probe_lease(settings.timeout)
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
         # the parent process will deliver itself.
@@ -92,12 +103,10 @@ class ThreadDispatcher:
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # workers wait here for hooks to send
         self._idle = threading.Condition(lock)  # flush() waits here for nothing pending
-        self._ready: deque[Delivery] = deque()
-        self._delayed: list[tuple[float, int, Delivery]] = []  # heap by due time
+        self._lanes = Lanes(self.settings, self.policy)
+        self._delayed: list[tuple[float, int, Delivery]] = []  # retries, a heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
         self._open_pres: Counter[tuple[Any, str]] = Counter()
-        self._held_count = 0
-        self._in_flight = 0
         self._seq = itertools.count()
         self._counters: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
@@ -113,46 +122,51 @@ class ThreadDispatcher:
         """Queue *delivery*; never blocks (beyond a short lock), never raises."""
         with self._cond:
             self._start_workers()
-            self._counters["accepted"] += 1
-            if self._closed or self._pending() >= self.settings.queue_size:
-                self._in_flight += 1
-                reason = "dispatcher closed" if self._closed else "queue full"
-                rejected = True
-            else:
-                rejected = False
+            lane, refusal = self._accept(delivery)
+            if refusal is None:
                 key = delivery.order_key
-                if delivery.is_pre:
-                    self._open_pres[key] += 1
-                    self._ready.append(delivery)
-                elif self._open_pres[key]:
+                self._note_pre(delivery)
+                if not delivery.is_pre and key in self._open_pres:
                     self._held.setdefault(key, []).append(delivery)
-                    self._held_count += 1
                 else:
-                    self._ready.append(delivery)
-                self._cond.notify()
-        if rejected:
-            delivery.last_error = reason
+                    self._lanes.put(lane, delivery, time.monotonic())
+                    self._cond.notify()
+        if refusal is not None:
+            delivery.last_error = refusal
             self._give_up([delivery])
 
     def deliver_now(self, delivery: Delivery) -> bool:
         """Make the first attempt in this thread, bounded by the timeout; retries, if
-        any, go on in the background. Returns whether the hook was delivered."""
+        any, go on in the background. An endpoint that is down gets no attempt: the
+        hook waits for it like any other. Returns whether the hook was delivered."""
         with self._cond:
-            self._counters["accepted"] += 1
-            self._in_flight += 1
-            if delivery.is_pre:
-                self._open_pres[delivery.order_key] += 1
+            lane, refusal = self._accept(delivery)
+            gate = lane.breaker.admit(time.time(), self._lease)
+            if gate is Gate.GONE:
+                refusal = lane.breaker.unavailable(lane.origin)
+            elif gate is Gate.WAIT and refusal is None:
+                self._note_pre(delivery)
+                self._lanes.put(lane, delivery, time.monotonic())
+                self._cond.notify()
+                return False
+            elif gate is not Gate.WAIT:
+                refusal = None  # the attempt is this thread's: no queue place needed
+                self._note_pre(delivery)
+        if refusal is not None:
+            delivery.last_error = refusal
+            self._give_up([delivery])
+            return False
         try:
             attempt = self._attempt(delivery)
         finally:
             self.sender.release()  # a server thread: it may not live to send another
-        self._settle(delivery, attempt)
+        self._settle(lane, delivery, attempt, by_worker=False)
         return attempt.delivered
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending; return whether that happened within *timeout*."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._pending() == 0, timeout)
+            return self._idle.wait_for(lambda: self._lanes.pending == 0, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
@@ -162,13 +176,10 @@ class ThreadDispatcher:
         self.flush(timeout)
         with self._cond:
             self._closed = self._stopping = True
-            left = list(self._ready) + [d for _, _, d in self._delayed]
+            left = self._lanes.drain() + [d for _, _, d in self._delayed]
             left += [d for held in self._held.values() for d in held]
-            self._in_flight += len(left)
-            self._ready.clear()
             self._delayed.clear()
             self._held.clear()
-            self._held_count = 0
             self._cond.notify_all()
             threads, self._threads = self._threads, []
         for delivery in left:
@@ -184,13 +195,36 @@ class ThreadDispatcher:
         ``failed == dead_lettered + lost`` hold at every moment."""
         with self._cond:
             counters = {name: self._counters[name] for name in STAT_NAMES}
-            counters["pending"] = self._pending()
+            counters["pending"] = self._lanes.pending
         return counters
+
+    def endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        """For each endpoint: ``state`` (closed, open, half-open, disabled), ``pending``,
+        ``delivered``, ``failed``, ``consecutive_failures``, ``last_error``,
+        ``last_success`` and ``opened_at`` (epoch seconds or ``None``)."""
+        with self._cond:
+            return self._lanes.stats()
 
     # -- internals --------------------------------------------------------------------
 
-    def _pending(self) -> int:
-        return len(self._ready) + len(self._delayed) + self._held_count + self._in_flight
+    def _accept(self, delivery: Delivery) -> tuple[Lane, str | None]:
+        """Count *delivery* as accepted and pending on its lane; return the lane, and why
+        the hook is to be given up on at once, if it is. Holds the lock."""
+        self._counters["accepted"] += 1
+        lane = self._lanes.of(delivery)
+        if self._closed:
+            refusal: str | None = "dispatcher closed"
+        elif lane.breaker.state == "disabled":
+            refusal = lane.breaker.unavailable(lane.origin)
+        else:
+            refusal = self._lanes.refusal(lane)
+        self._lanes.count(lane, +1)
+        return lane, refusal
+
+    def _note_pre(self, delivery: Delivery) -> None:
+        """A pre hook is on its way: its call's post hooks to that URL wait for it."""
+        if delivery.is_pre:
+            self._open_pres[delivery.order_key] += 1
 
     def _start_workers(self) -> None:
         if self._threads or self._closed:
@@ -209,10 +243,14 @@ class ThreadDispatcher:
         try:
             while True:
                 with self._cond:
-                    delivery = self._next_delivery()
-                    if delivery is None:
-                        return
-                self._settle(delivery, self._attempt(delivery))
+                    work = self._next_work()
+                if work is None:
+                    return
+                if isinstance(work, list):
+                    self._give_up(work)
+                else:
+                    lane, delivery = work
+                    self._settle(lane, delivery, self._attempt(delivery))
         finally:
             self.sender.release()
 
@@ -223,39 +261,88 @@ class ThreadDispatcher:
             logger.exception("the sender failed on hook %s", delivery.describe())
             return Attempt(False, f"unexpected error: {type(e).__name__}")
 
-    def _next_delivery(self) -> Delivery | None:
-        """Wait for a delivery that is due; ``None`` once stopping. Holds the lock."""
+    def _next_work(self) -> tuple[Lane, Delivery] | list[Delivery] | None:
+        """Wait for a hook to send, or for hooks whose wait has run out (to give up);
+        ``None`` once stopping. Holds the lock."""
         while not self._stopping:
             now = time.monotonic()
+            expired = []
             while self._delayed and self._delayed[0][0] <= now:
-                self._ready.append(heapq.heappop(self._delayed)[2])
-            if self._ready:
-                self._in_flight += 1
-                return self._ready.popleft()
-            self._cond.wait(self._delayed[0][0] - now if self._delayed else None)
+                delivery = heapq.heappop(self._delayed)[2]
+                lane = self._lanes.of(delivery)
+                if lane.breaker.state == "disabled":
+                    expired.append((lane, delivery))
+                else:
+                    self._lanes.put(lane, delivery, now)
+            expired += self._lanes.expired(now)
+            if expired:
+                for lane, delivery in expired:
+                    delivery.last_error = lane.breaker.unavailable(lane.origin)
+                return [delivery for _, delivery in expired]
+            work = self._lanes.take(time.time(), self._lease)
+            if work is not None:
+                return work
+            waits = [self._delayed[0][0] - now] if self._delayed else []
+            wake = self._lanes.next_wake(now, time.time())
+            waits += [] if wake is None else [wake]
+            self._cond.wait(min(waits) if waits else None)
         return None
 
-    def _settle(self, delivery: Delivery, attempt: Attempt) -> None:
-        """Count an attempt's result, then finish the delivery or schedule its retry."""
-        if delivery.attempts > 1:
-            with self._cond:
-                self._counters["retried"] += 1
-        if attempt.delivered:
-            with self._cond:
-                self._counters["delivered"] += 1
-                self._in_flight -= 1
-                self._finish(delivery)
-            return
-        delivery.failed(attempt)
-        delay = self.policy.next_delay(delivery.attempts, attempt)
+    def _settle(
+        self, lane: Lane, delivery: Delivery, attempt: Attempt, by_worker: bool = True
+    ) -> None:
+        """Count an attempt's result on its endpoint's breaker, then finish the delivery
+        or schedule its retry."""
+        if not attempt.delivered:
+            delivery.failed(attempt)
         with self._cond:
-            if delay is not None and not self._closed:
-                self._start_workers()
-                heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), delivery))
-                self._in_flight -= 1
-                self._cond.notify()
-                return
-        self._give_up([delivery])
+            if by_worker:
+                lane.in_flight -= 1
+            if delivery.attempts > 1:
+                self._counters["retried"] += 1
+            breaker = lane.breaker
+            down_since, waited = breaker.opened_at, breaker.waited
+            transition = breaker.record(attempt, time.time())
+            gone = self._transition(lane, transition)
+            if attempt.delivered:
+                self._counters["delivered"] += 1
+                lane.delivered += 1
+                self._lanes.count(lane, -1)
+                self._finish(delivery)
+            else:
+                delay = self.policy.next_delay(delivery.attempts, attempt)
+                if breaker.state == "disabled":
+                    delivery.last_error = breaker.unavailable(lane.origin)
+                    gone.append(delivery)
+                elif delay is not None and not self._closed:
+                    self._start_workers()
+                    due = time.monotonic() + delay
+                    heapq.heappush(self._delayed, (due, next(self._seq), delivery))
+                    self._cond.notify()
+                else:
+                    gone.append(delivery)
+        _log_transition(lane, transition, down_since, waited, len(gone))
+        self._give_up(gone)
+
+    def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
+        """Act on a breaker's transition; return the hooks it gives up on (a disabled
+        endpoint's). Holds the lock."""
+        if transition == "opened":
+            self._lanes.park(lane, time.monotonic())
+        elif transition == "closed":
+            self._lanes.unpark(lane)
+            self._cond.notify_all()
+        elif transition == "disabled":
+            gone = self._lanes.drain(lane)
+            delayed = [entry for entry in self._delayed if self._lanes.of(entry[2]) is lane]
+            if delayed:
+                self._delayed = [e for e in self._delayed if self._lanes.of(e[2]) is not lane]
+                heapq.heapify(self._delayed)
+                gone += [delivery for _, _, delivery in delayed]
+            for delivery in gone:
+                delivery.last_error = lane.breaker.unavailable(lane.origin)
+            return gone
+        return []
 
     def _finish(self, delivery: Delivery) -> None:
         """A delivery is done (delivered or given up): release posts held for it."""
@@ -265,15 +352,16 @@ class ThreadDispatcher:
             if self._open_pres[key] <= 0:
                 del self._open_pres[key]
                 held = self._held.pop(key, [])
-                self._held_count -= len(held)
-                self._ready.extend(held)
+                now = time.monotonic()
+                for post in held:
+                    self._lanes.put(self._lanes.of(post), post, now)
                 self._cond.notify(len(held))
-        if self._pending() == 0:
+        if self._lanes.pending == 0:
             self._idle.notify_all()
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
-        """Have deliveries counted in ``_in_flight`` recorded as failed: by the recorder
-        thread, or here once it is closed or too far behind."""
+        """Have accepted deliveries recorded as failed: by the recorder thread, or here
+        once it is closed or too far behind."""
         if deliveries and not self._recorder.put(deliveries):
             self._count_given_up(deliveries, self.dead_letters.keep(deliveries))
 
@@ -281,12 +369,41 @@ class ThreadDispatcher:
         with self._cond:
             self._counters["failed"] += len(deliveries)
             self._counters["dead_lettered" if written else "lost"] += len(deliveries)
-            self._in_flight -= len(deliveries)
             for delivery in deliveries:
+                lane = self._lanes.of(delivery)
+                lane.failed += 1
+                self._lanes.count(lane, -1)
                 self._finish(delivery)
 
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"
+
+
+def _log_transition(
+    lane: Lane, transition: str | None, down_since: float | None, waited: int, gone: int
+) -> None:
+    """One log line per breaker transition, never one per hook."""
+    breaker = lane.breaker
+    if transition == "opened":
+        logger.warning(
+            "endpoint %s is down after %d consecutive failures (last: %s): no attempts to it "
+            "for %g s, then one probe; its hooks wait",
+            lane.origin, breaker.failures, breaker.last_error, breaker.pause,
+        )  # fmt: skip
+    elif transition == "closed":
+        down = time.time() - (down_since or time.time())
+        logger.info(
+            "endpoint %s is back after %.0f s down; %d hook(s) waited and flow again",
+            lane.origin, down, waited,
+        )  # fmt: skip
+    elif transition == "disabled":
+        logger.error(
+            "endpoint %s answered 410 Gone: disabled until restart; %d hook(s) dead-lettered "
+            "now and every later one at once",
+            lane.origin, gone,
+        )  # fmt: skip
+    elif transition == "reopened":
+        logger.debug("endpoint %s is still down; next probe in %g s", lane.origin, breaker.pause)
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:

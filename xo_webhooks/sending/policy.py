@@ -42,15 +42,17 @@ __all__ = [
     "judge_failure",
     "parse_retry_after",
     "open_dead_letter",
-    "MAX_DELAY",
+    "MAX_RETRY_AFTER",
     "RETRY_STATUSES",
     "STAT_NAMES",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds: the cap of the backoff and of a receiver's ``Retry-After``.
-MAX_DELAY = 60.0
+#: Seconds: the cap of a receiver's ``Retry-After``.
+MAX_RETRY_AFTER = 3600.0
+#: Each retry's delay is drawn between this share of the scheduled one and all of it.
+JITTER = 0.8
 #: Answers other than 5xx that are worth another attempt: Request Timeout, Too Many
 #: Requests. Every other non-2xx answer (3xx included: redirects are never followed) is
 #: final.
@@ -105,54 +107,63 @@ def judge_failure(error: Exception, timeout: float) -> Attempt:
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), capped
-    at :data:`MAX_DELAY`; ``None`` when absent or unreadable."""
+    at :data:`MAX_RETRY_AFTER`; ``None`` when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
     if re.fullmatch(r"[0-9]{1,9}", value):  # not isdigit(): "²" is a digit to it
-        return min(float(value), MAX_DELAY)
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return min(max(0.0, when.timestamp() - time.time()), MAX_DELAY)
+    return min(max(0.0, when.timestamp() - time.time()), MAX_RETRY_AFTER)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """When to try a failed hook again.
 
-    :param retries: attempts after the first one, at most.
-    :param backoff: seconds before the first retry; each next wait doubles, with
-        jitter, up to :data:`MAX_DELAY`.
+    :param schedule: seconds to wait before each retry (``XO_WEBHOOKS_RETRY_SCHEDULE``);
+        its length is the number of retries.
     """
 
-    retries: int
-    backoff: float
+    schedule: tuple[float, ...]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        """The policy of ``XO_WEBHOOKS_RETRIES`` and ``XO_WEBHOOKS_BACKOFF``."""
-        return cls(settings.retries, settings.backoff)
+        """The policy of ``XO_WEBHOOKS_RETRY_SCHEDULE`` (or its shorthand)."""
+        return cls(settings.retry_schedule)
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first one, at most."""
+        return len(self.schedule)
 
     def next_delay(self, attempts: int, attempt: Attempt) -> float | None:
         """Seconds before the next attempt after *attempts* made ones, the last of which
         was *attempt*; ``None`` when the hook is delivered or given up on.
 
-        Exponential with jitter (between half and all of ``backoff * 2 ** (attempts -
-        1)``), capped; a receiver's ``Retry-After`` wins when it gives one.
+        The schedule's next delay, jittered: drawn between :data:`JITTER` and all of it,
+        so that hooks failed together do not come back together, and the schedule's
+        sum stays the longest a hook waits. A receiver's ``Retry-After`` wins.
         """
         if attempt.delivered or not attempt.retryable or attempts > self.retries:
             return None
         if attempt.retry_after is not None:
             return attempt.retry_after
-        ceiling = min(MAX_DELAY, self.backoff * 2 ** max(0, attempts - 1))
-        return ceiling * random.uniform(0.5, 1.0)
+        return self.schedule[max(0, attempts - 1)] * random.uniform(JITTER, 1.0)
+
+    def remaining(self, attempts: int) -> float:
+        """Seconds a hook that made *attempts* attempts may still wait in all: the sum
+        of its schedule's delays still ahead. A hook whose endpoint is down is given up
+        on when that time has passed."""
+        return sum(self.schedule[attempts:])
 
     def longest_schedule(self, timeout: float) -> float:
-        """Seconds the whole schedule can last: every attempt timing out, every wait at
-        the cap."""
-        return (self.retries + 1) * timeout + self.retries * MAX_DELAY
+        """Seconds the whole schedule can last: every attempt timing out, every wait
+        its full delay (``Retry-After`` aside)."""
+        return (self.retries + 1) * timeout + sum(self.schedule)
 
 
 def open_dead_letter(target: str) -> DeadLetterStore:

@@ -1,0 +1,208 @@
+"""The thread dispatcher's bookkeeping per endpoint: one lane per endpoint.
+
+A lane holds its endpoint's hooks that wait to be sent (in order), counts its attempts
+in flight against ``XO_WEBHOOKS_ENDPOINT_CONCURRENCY``, and keeps its circuit breaker
+and counters. :class:`Lanes` shares the pending bound fairly and hands workers the next
+hook round-robin over the endpoints that may be sent to, so that a hung endpoint holds
+at most its concurrency of the workers and its backlog never refuses another's hooks.
+
+No threads and no I/O here: the dispatcher calls every method with its lock held.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from typing import Any
+
+from ..config import Settings
+from .delivery import Delivery
+from .endpoints import Breaker, Gate, endpoint_of
+from .policy import RetryPolicy
+
+__all__ = ["Lane", "Lanes"]
+
+
+class Lane:
+    """One endpoint's hooks, attempts and breaker.
+
+    :param origin: the endpoint (see :func:`.endpoints.endpoint_of`).
+    :param threshold: its breaker's threshold.
+    :param share: places of the pending bound kept for it.
+    """
+
+    def __init__(self, origin: str, threshold: int, share: int) -> None:
+        self.origin = origin
+        self.breaker = Breaker(threshold)
+        self.share = share
+        self.waiting: OrderedDict[int, Delivery] = OrderedDict()  # due, in order
+        self.deadlines: dict[int, float] = {}  # waiting hooks' give-up times, while not closed
+        self.in_flight = 0  # attempts by the workers
+        self.pending = 0  # accepted and not finished: waiting, held, retrying, in flight
+        self.delivered = 0
+        self.failed = 0
+
+    def stats(self) -> dict[str, Any]:
+        """What ``endpoint_stats()`` shows of this endpoint."""
+        breaker = self.breaker
+        return {
+            "state": breaker.state,
+            "pending": self.pending,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "consecutive_failures": breaker.failures,
+            "last_error": breaker.last_error,
+            "last_success": breaker.last_success,
+            "opened_at": breaker.opened_at,
+        }
+
+
+class Lanes:
+    """Every endpoint's lane, the fair share of the pending bound, and the choice of
+    the next hook to send.
+
+    Each configured endpoint keeps ``QUEUE_SIZE // endpoints`` places of the bound for
+    itself; the rest is free for any endpoint. A hook is refused only when its endpoint
+    holds its share already and the free places left are kept for the others.
+
+    :param settings: the hooks (their endpoints), queue size, concurrency, threshold.
+    :param policy: how long a waiting hook may wait (its schedule's remaining delays).
+    """
+
+    def __init__(self, settings: Settings, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.concurrency = settings.endpoint_concurrency
+        self.queue_size = settings.queue_size
+        self.threshold = settings.breaker_threshold
+        configured = dict.fromkeys(endpoint_of(hook.url) for hook in settings.hooks)
+        share = self.queue_size // len(configured) if configured else 0
+        self._lanes: dict[str, Lane] = {}
+        self._order: list[Lane] = []
+        self._turn = 0
+        self.pending = 0
+        self._kept = 0  # places kept for lanes under their share
+        for origin in configured:
+            self._add_lane(origin, share)
+        self._deadlines: list[tuple[float, int, Lane, int]] = []  # heap
+        self._seq = itertools.count()
+
+    def _add_lane(self, origin: str, share: int) -> Lane:
+        lane = self._lanes[origin] = Lane(origin, self.threshold, share)
+        self._order.append(lane)
+        self._kept += share
+        return lane
+
+    def of(self, delivery: Delivery) -> Lane:
+        """The lane of *delivery*'s endpoint (a new one, with no share, for a URL that
+        is not configured: a replayed hook's)."""
+        origin = endpoint_of(delivery.hook.url)
+        lane = self._lanes.get(origin)
+        return lane if lane is not None else self._add_lane(origin, 0)
+
+    # -- the pending bound ------------------------------------------------------------
+
+    def refusal(self, lane: Lane) -> str | None:
+        """Why a new hook to *lane* cannot be accepted now, or ``None``."""
+        if lane.pending < lane.share or self.pending + self._kept < self.queue_size:
+            return None
+        if self.pending >= self.queue_size:
+            return "queue full"
+        return (
+            f"queue full for endpoint {lane.origin}: it has {lane.pending} hooks pending, "
+            f"its share of XO_WEBHOOKS_QUEUE_SIZE={self.queue_size} is {lane.share}, and "
+            "the places left are kept for other endpoints"
+        )
+
+    def count(self, lane: Lane, change: int) -> None:
+        """Add *change* (+1 accepted, -1 finished) to the pending hooks of *lane*."""
+        before = max(0, lane.share - lane.pending)
+        lane.pending += change
+        self.pending += change
+        self._kept += max(0, lane.share - lane.pending) - before
+
+    # -- waiting hooks ----------------------------------------------------------------
+
+    def put(self, lane: Lane, delivery: Delivery, now: float) -> None:
+        """Queue *delivery*, due now, on its lane; while the endpoint is not closed it
+        waits, until its schedule would have run out (``now`` is monotonic)."""
+        lane.waiting[id(delivery)] = delivery
+        if lane.breaker.state != "closed":
+            self._set_deadline(lane, delivery, now)
+            lane.breaker.waited += 1
+
+    def park(self, lane: Lane, now: float) -> None:
+        """The endpoint just opened: its waiting hooks get their give-up times."""
+        for delivery in lane.waiting.values():
+            self._set_deadline(lane, delivery, now)
+        lane.breaker.waited += len(lane.waiting)
+
+    def unpark(self, lane: Lane) -> None:
+        """The endpoint closed again: its hooks no longer expire."""
+        lane.deadlines.clear()
+        self._deadlines = [entry for entry in self._deadlines if entry[2] is not lane]
+        heapq.heapify(self._deadlines)
+
+    def _set_deadline(self, lane: Lane, delivery: Delivery, now: float) -> None:
+        key = id(delivery)
+        deadline = now + self.policy.remaining(delivery.attempts)
+        lane.deadlines[key] = deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._seq), lane, key))
+
+    def expired(self, now: float) -> list[tuple[Lane, Delivery]]:
+        """Remove and return the waiting hooks whose schedule has run out."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, lane, key = heapq.heappop(self._deadlines)
+            if lane.deadlines.get(key) == deadline:
+                del lane.deadlines[key]
+                out.append((lane, lane.waiting.pop(key)))
+        return out
+
+    def drain(self, lane: Lane | None = None) -> list[Delivery]:
+        """Remove and return the waiting hooks of *lane* (of every lane by default)."""
+        lanes = self._order if lane is None else [lane]
+        out: list[Delivery] = []
+        for each in lanes:
+            out += each.waiting.values()
+            each.waiting.clear()
+            each.deadlines.clear()
+        return out
+
+    # -- choosing the next hook -------------------------------------------------------
+
+    def take(self, now: float, lease: float) -> tuple[Lane, Delivery] | None:
+        """The next hook to send, round-robin over the lanes that may send one now (a
+        closed one under its concurrency, or an open one whose probe is due), counted
+        in flight; ``None`` when there is none. *now* is epoch seconds."""
+        count = len(self._order)
+        for step in range(count):
+            lane = self._order[(self._turn + step) % count]
+            if not lane.waiting:
+                continue
+            if lane.breaker.state == "closed":
+                if lane.in_flight >= self.concurrency:
+                    continue
+            elif lane.breaker.admit(now, lease) is not Gate.PROBE:
+                continue
+            self._turn = (self._turn + step + 1) % count
+            key, delivery = lane.waiting.popitem(last=False)
+            lane.deadlines.pop(key, None)
+            lane.in_flight += 1
+            return lane, delivery
+        return None
+
+    def next_wake(self, now: float, now_epoch: float) -> float | None:
+        """Seconds until a waiting hook's give-up time or an endpoint's probe; ``None``
+        when nothing is due to happen."""
+        times = [self._deadlines[0][0] - now] if self._deadlines else []
+        for lane in self._order:
+            if lane.waiting and lane.breaker.state in ("open", "half-open"):
+                breaker = lane.breaker
+                due = breaker.probe_at if breaker.state == "open" else breaker.probe_until
+                times.append(due - now_epoch)
+        return max(0.0, min(times)) if times else None
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """``endpoint_stats()``: each endpoint's :meth:`Lane.stats`."""
+        return {lane.origin: lane.stats() for lane in self._order}
