@@ -34,18 +34,22 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
-from celery import Celery, Task
+from celery import Celery, Task, bootsteps
 from celery.exceptions import Retry
 from kombu import pools
 from kombu.exceptions import EncodeError
 
 from .._text import describe_error
+from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery, Sender
-from .policy import STAT_NAMES, DeadLetters, RetryPolicy
+from .endpoints import Breaker, Gate, log_transition, probe_lease
+from .endpoints_redis import Parking, SharedBreakers
+from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 
 __all__ = [
     "CeleryDispatcher",
@@ -57,16 +61,24 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TASK_NAME = "xo_webhooks.deliver"
 QUEUE = "xo-webhooks"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 #: Seconds before a message a worker took but never acknowledged (it was killed) is
 #: given to another worker. Longer than the longest wait a worker holds a message for
-#: (a retry's countdown, at most ``policy.MAX_DELAY`` = 60 s, plus one attempt; a held
+#: (a retry's countdown, at most :data:`COUNTDOWN_LIMIT`, plus one attempt; a held
 #: post's, less), short enough for a redelivery within 2 minutes. A message held longer
-#: is delivered twice.
+#: is delivered twice: longer waits are parked in Redis instead.
 VISIBILITY_TIMEOUT = 90
+#: Seconds: a retry due sooner waits as a Celery countdown; a later one is parked.
+COUNTDOWN_LIMIT = 60.0
+#: Seconds between a worker's moves of due parked hooks back to the queue.
+PARK_POLL = 1.0
+#: Seconds a hook parked while its endpoint is half-open (another hook is the probe)
+#: waits before it asks again.
+HALF_OPEN_RECHECK = 1.0
 #: Seconds between a worker's sweeps for such messages (kombu's default is 100).
 RESTORE_INTERVAL = 5
 #: Seconds the request path waits to connect to the broker, and for its answer.
@@ -127,10 +139,49 @@ def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
 
         @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
         def deliver(task: Task, message: dict[str, Any]) -> str:
-            """Deliver one hook message: ``"delivered"``, ``"failed"``, or a retry."""
+            """Deliver one hook message: ``"delivered"``, ``"failed"``, ``"parked"``, or
+            a retry."""
             return worker.run(task, message)
 
+        app.steps["worker"].add(_parked_hooks_step(app, worker))
     return app
+
+
+def _parked_hooks_step(app: Celery, worker: Worker) -> type[bootsteps.StartStopStep]:
+    """A worker bootstep: a thread of the worker's main process that moves due parked
+    hooks back to the queue every :data:`PARK_POLL` seconds."""
+
+    def publish(message: dict[str, Any]) -> None:
+        app.send_task(TASK_NAME, kwargs={"message": message}, kwargsrepr=_summary(message))
+
+    class MoveParkedHooks(bootsteps.StartStopStep):
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.stopping = threading.Event()
+            self.thread: threading.Thread | None = None
+
+        def start(self, parent: Any) -> None:
+            self.thread = threading.Thread(target=self.run, name="xo-webhooks-unpark", daemon=True)
+            self.thread.start()
+
+        def run(self) -> None:
+            failing = False
+            while not self.stopping.wait(PARK_POLL):
+                try:
+                    worker.parking.move_due(publish)
+                except Exception:  # Redis or the broker is down: the hooks stay parked
+                    if not failing:
+                        logger.warning("could not move parked hooks to the queue", exc_info=True)
+                    failing = True
+                else:
+                    failing = False
+
+        def stop(self, parent: Any) -> None:
+            self.stopping.set()
+            if self.thread is not None:
+                self.thread.join(10)
+
+    return MoveParkedHooks
 
 
 class Worker:
@@ -147,6 +198,23 @@ class Worker:
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = DeadLetters(settings)
         self._markers: redis.Redis | None = None
+        self._breakers: SharedBreakers | None = None
+        self._parking: Parking | None = None
+
+    @property
+    def breakers(self) -> SharedBreakers:
+        """The endpoints' breakers, shared by every worker in Redis."""
+        if self._breakers is None:
+            lease = probe_lease(self.settings.timeout)
+            self._breakers = SharedBreakers(self.markers, self.settings.breaker_threshold, lease)
+        return self._breakers
+
+    @property
+    def parking(self) -> Parking:
+        """The hooks parked in Redis."""
+        if self._parking is None:
+            self._parking = Parking(self.markers)
+        return self._parking
 
     @property
     def hold_limit(self) -> float:
@@ -168,17 +236,33 @@ class Worker:
         return Delivery.from_record(message, self.settings, int(message.get("attempts", 0)))
 
     def run(self, task: Task, message: dict[str, Any]) -> str:
-        """Hold, send, then finish or retry one message (the body of the task)."""
+        """Hold, ask the endpoint's breaker, send, then finish, retry or park one
+        message (the body of the task)."""
         delivery = self.delivery(message)
         if message.get("after"):
             self._hold(task, message, delivery)
+        origin = endpoint_of(delivery.hook.url)
+        gate, breaker = self._admit(origin)
+        if gate is Gate.GONE:
+            delivery.last_error = breaker.unavailable(origin)
+            self._give_up(delivery, origin)
+            return "failed"
+        if gate is Gate.WAIT:
+            return self._wait(message, delivery, origin, breaker)
         attempt = self.sender.send(delivery)
+        breaker = self._record(origin, attempt)
         if attempt.delivered:
+            self._count(origin, "delivered")
             self._done(delivery)
             return "delivered"
         delivery.failed(attempt)
         delay = self.policy.next_delay(delivery.attempts, attempt)
-        if delay is not None:
+        if breaker.state == "disabled":
+            delivery.last_error = breaker.unavailable(origin)
+        elif delay is not None and delay > COUNTDOWN_LIMIT:
+            if self._park(origin, delivery.to_message(), time.time() + delay, delivery):
+                return "parked"
+        elif delay is not None:
             # No "after" any more: the pre hook was done, or waited for long enough.
             again = delivery.to_message()
             try:
@@ -189,8 +273,69 @@ class Worker:
                 raise
             except Exception as e:  # the broker is gone: keep the hook all the same
                 delivery.last_error = f"{attempt.error}; could not queue the retry: {e}"[:300]
-        self._give_up(delivery)
+        self._give_up(delivery, origin)
         return "failed"
+
+    def _admit(self, origin: str) -> tuple[Gate, Breaker]:
+        """The breaker's word on sending to *origin* now; send when Redis cannot say
+        (the breaker spares receivers, delivery comes first)."""
+        try:
+            return self.breakers.admit(origin)
+        except redis.RedisError:
+            logger.warning("could not read the breaker of %s; sending", origin, exc_info=True)
+            return Gate.SEND, Breaker(self.settings.breaker_threshold)
+
+    def _record(self, origin: str, attempt: Attempt) -> Breaker:
+        """Count *attempt* on the shared breaker; log its transition, and when the
+        endpoint is back, make its parked hooks due."""
+        try:
+            down_since = self.breakers.load(origin).opened_at
+            transition, breaker = self.breakers.record(origin, attempt)
+            waited = self.breakers.take_waited(origin) if transition == "closed" else 0
+            if transition == "closed":
+                self.parking.release(origin)
+        except redis.RedisError:
+            logger.warning("could not update the breaker of %s", origin, exc_info=True)
+            return Breaker(self.settings.breaker_threshold)
+        log_transition(origin, breaker, transition, down_since, waited)
+        return breaker
+
+    def _wait(
+        self, message: dict[str, Any], delivery: Delivery, origin: str, breaker: Breaker
+    ) -> str:
+        """Park a hook whose endpoint is down until its next probe, for as long as its
+        own schedule lasts; then give it up."""
+        now = time.time()
+        give_up_at = float(
+            message.get("giveUpAt") or now + self.policy.remaining(delivery.attempts)
+        )
+        if now < give_up_at:
+            due = breaker.probe_at if breaker.state == "open" else now + HALF_OPEN_RECHECK
+            if self._park(
+                origin, {**message, "giveUpAt": give_up_at}, min(due, give_up_at), delivery
+            ):
+                self._count(origin, "waited")
+                return "parked"
+        else:
+            delivery.last_error = breaker.unavailable(origin)
+        self._give_up(delivery, origin)
+        return "failed"
+
+    def _park(self, origin: str, message: dict[str, Any], due: float, delivery: Delivery) -> bool:
+        """Park *message* until *due*; ``False`` (the hook's error says why) if Redis
+        cannot take it."""
+        try:
+            self.parking.park(origin, message, due)
+        except redis.RedisError as e:
+            delivery.last_error = f"{delivery.last_error}; could not park the hook: {e}"[:300]
+            return False
+        return True
+
+    def _count(self, origin: str, field: str) -> None:
+        try:
+            self.breakers.count(origin, field)
+        except redis.RedisError:
+            logger.debug("could not count a hook of %s", origin, exc_info=True)
 
     def _hold(self, task: Task, message: dict[str, Any], delivery: Delivery) -> None:
         """Hold a post hook while its pre hook is not done, up to the limit.
@@ -244,8 +389,9 @@ class Worker:
         except redis.RedisError:
             logger.warning("could not mark pre hook %s as done", delivery.id, exc_info=True)
 
-    def _give_up(self, delivery: Delivery) -> None:
+    def _give_up(self, delivery: Delivery, origin: str) -> None:
         self.dead_letters.keep([delivery])
+        self._count(origin, "failed")
         self._done(delivery)
 
 
@@ -292,6 +438,7 @@ class CeleryDispatcher:
         self._pres: OrderedDict[tuple[Any, str], list[str]] = OrderedDict()
         self._down_until = 0.0
         self._closed = False
+        self._shared: SharedBreakers | None = None
 
     def submit(self, delivery: Delivery) -> None:
         """Publish *delivery*; on failure dead-letter it. Never raises; waits at most
@@ -301,9 +448,23 @@ class CeleryDispatcher:
 
     def deliver_now(self, delivery: Delivery) -> bool:
         """Make the first attempt in this thread (``waitForResponse``), then publish the
-        retry, if any, for the workers. Returns whether it was delivered."""
+        retry, if any, for the workers. An endpoint whose shared breaker is open gets no
+        attempt: the hook goes to the workers, who park it. Returns whether it was
+        delivered."""
         self._accept()
+        origin = endpoint_of(delivery.hook.url)
+        breakers = self._breakers()
+        unknown: tuple[Gate, Breaker | None] = (Gate.SEND, None)
+        gate, breaker = self._ask(lambda: breakers.admit(origin), unknown)
+        if gate is Gate.WAIT:
+            self._hand_over(delivery)
+            return False
+        if gate is Gate.GONE and breaker is not None:
+            delivery.last_error = breaker.unavailable(origin)
+            self._give_up(delivery)
+            return False
         attempt = self.sender.send(delivery)
+        self._ask(lambda: breakers.record(origin, attempt), None)
         if attempt.delivered:
             with self._cond:
                 self._counters["delivered"] += 1
@@ -334,6 +495,15 @@ class CeleryDispatcher:
         if app is not None and app is not self._given_app:
             app.close()
 
+    def endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        """Each configured endpoint's shared breaker and counters, as every worker
+        sees them in Redis; ``pending`` counts its hooks parked there (hooks in the
+        Celery queue belong to no endpoint yet)."""
+        breakers = self._breakers()
+        parking = Parking(breakers.client)
+        origins = dict.fromkeys(endpoint_of(hook.url) for hook in self.settings.hooks)
+        return {origin: breakers.stats(origin, parking.count(origin)) for origin in origins}
+
     def stats(self) -> dict[str, int]:
         """Counters since start, in this process (see the class docstring)."""
         with self._cond:
@@ -353,6 +523,28 @@ class CeleryDispatcher:
         self._in_flight -= count
         if self._in_flight == 0:
             self._cond.notify_all()
+
+    def _breakers(self) -> SharedBreakers:
+        """The shared breakers, through a client with the request path's short timeouts."""
+        with self._cond:
+            if self._shared is None:
+                client = redis.Redis.from_url(
+                    self.settings.broker_url or DEFAULT_BROKER_URL,
+                    socket_connect_timeout=PUBLISH_TIMEOUT,
+                    socket_timeout=PUBLISH_TIMEOUT,
+                )
+                lease = probe_lease(self.settings.timeout)
+                self._shared = SharedBreakers(client, self.settings.breaker_threshold, lease)
+            return self._shared
+
+    def _ask(self, question: Callable[[], T], otherwise: T) -> T:
+        """*question*'s answer, or *otherwise* when Redis cannot give it (the breaker
+        spares receivers; the call never waits on it)."""
+        try:
+            return question()
+        except redis.RedisError:
+            logger.debug("could not reach the shared breakers", exc_info=True)
+            return otherwise
 
     def _celery(self) -> Celery:
         with self._cond:

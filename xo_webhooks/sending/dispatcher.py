@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from ..config import Settings
 from .delivery import Delivery, Sender
-from .endpoints import Gate, probe_lease
+from .endpoints import Gate, log_transition, probe_lease
 from .lanes import Lane, Lanes
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
@@ -321,7 +321,7 @@ class ThreadDispatcher:
                     self._cond.notify()
                 else:
                     gone.append(delivery)
-        _log_transition(lane, transition, down_since, waited, len(gone))
+        log_transition(lane.origin, breaker, transition, down_since, waited, len(gone))
         self._give_up(gone)
 
     def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
@@ -377,33 +377,6 @@ class ThreadDispatcher:
 
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"
-
-
-def _log_transition(
-    lane: Lane, transition: str | None, down_since: float | None, waited: int, gone: int
-) -> None:
-    """One log line per breaker transition, never one per hook."""
-    breaker = lane.breaker
-    if transition == "opened":
-        logger.warning(
-            "endpoint %s is down after %d consecutive failures (last: %s): no attempts to it "
-            "for %g s, then one probe; its hooks wait",
-            lane.origin, breaker.failures, breaker.last_error, breaker.pause,
-        )  # fmt: skip
-    elif transition == "closed":
-        down = time.time() - (down_since or time.time())
-        logger.info(
-            "endpoint %s is back after %.0f s down; %d hook(s) waited and flow again",
-            lane.origin, down, waited,
-        )  # fmt: skip
-    elif transition == "disabled":
-        logger.error(
-            "endpoint %s answered 410 Gone: disabled until restart; %d hook(s) dead-lettered "
-            "now and every later one at once",
-            lane.origin, gone,
-        )  # fmt: skip
-    elif transition == "reopened":
-        logger.debug("endpoint %s is still down; next probe in %g s", lane.origin, breaker.pause)
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:

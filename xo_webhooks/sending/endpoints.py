@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +34,15 @@ from .policy import Attempt
 __all__ = [
     "endpoint_of",  # from _urls, where the configuration and the CLI find it too
     "probe_lease",
+    "log_transition",
     "Breaker",
     "Gate",
     "FIRST_PAUSE",
     "MAX_PAUSE",
     "STATES",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds an endpoint stays open before its first probe, and the most it ever waits.
 FIRST_PAUSE, MAX_PAUSE = 5.0, 300.0
@@ -160,3 +164,39 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "an unknown time"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def log_transition(
+    origin: str,
+    breaker: Breaker,
+    transition: str | None,
+    down_since: float | None,
+    waited: int,
+    gone: int = 0,
+) -> None:
+    """One log line per transition of *origin*'s breaker, never one per hook.
+
+    :param down_since: when it opened (for the line that says it closed).
+    :param waited: hooks that waited during the outage.
+    :param gone: hooks given up on when it was disabled.
+    """
+    if transition == "opened":
+        logger.warning(
+            "endpoint %s is down after %d consecutive failures (last: %s): no attempts to it "
+            "for %g s, then one probe; its hooks wait",
+            origin, breaker.failures, breaker.last_error, breaker.pause,
+        )  # fmt: skip
+    elif transition == "closed":
+        down = time.time() - (down_since or time.time())
+        logger.info(
+            "endpoint %s is back after %.0f s down; %d hook(s) waited and flow again",
+            origin, down, waited,
+        )  # fmt: skip
+    elif transition == "disabled":
+        logger.error(
+            "endpoint %s answered 410 Gone: disabled until restart; %d waiting hook(s) "
+            "dead-lettered now and every later one at once",
+            origin, gone,
+        )  # fmt: skip
+    elif transition == "reopened":
+        logger.debug("endpoint %s is still down; next probe in %g s", origin, breaker.pause)
