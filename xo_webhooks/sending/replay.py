@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,15 +25,24 @@ class ReplayReport:
     failed: int
 
 
+#: Seconds: a replay keeps the leading waits of the retry schedule up to this long, so
+#: that it ends in minutes, not after the schedule's hours (what still fails stays in
+#: the store, for the next replay).
+REPLAY_MAX_WAIT = 60.0
+
+
 def replay(target: str, settings: Settings) -> ReplayReport:
     """Re-send every record of a dead-letter file (or ``redis://`` list) with the
-    configured retries, then leave in it only what still failed.
+    leading retries of the configured schedule (waits of up to :data:`REPLAY_MAX_WAIT`),
+    then leave in it only what still failed.
 
     The records are first taken out of the store, so hooks that a running app
     dead-letters meanwhile are kept apart and never overwritten; what still fails is
     appended back. Each record goes to its URL with the signing secret and headers of
     the configured hook for that URL (else the global secret): neither is ever stored.
     """
+    schedule = tuple(itertools.takewhile(lambda d: d <= REPLAY_MAX_WAIT, settings.retry_schedule))
+    settings = dataclasses.replace(settings, retry_schedule=schedule)
     store = open_dead_letter(target)
     failed: list[dict[str, Any]] = []
     still_failing = DeadLetters(settings, store=_Collector(failed))
