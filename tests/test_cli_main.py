@@ -110,6 +110,22 @@ def test_replay_sends_the_records_and_keeps_what_still_fails(
     assert (left["id"], left["lastError"]) == ("msg_1", "HTTP 404")
 
 
+def test_replay_keeps_only_the_schedules_short_waits(
+    webhook_receiver, monkeypatch, tmp_path, capsys
+):
+    path = str(tmp_path / "dead.jsonl")
+    record = {"id": "msg_1", "url": webhook_receiver.url, "format": "json",
+              "payload": POST, "attempts": 8, "lastError": "HTTP 503"}  # fmt: skip
+    DeadLetterFile(path).append([record])
+    webhook_receiver.respond_with(503)
+    monkeypatch.setenv("XO_WEBHOOKS_RETRY_SCHEDULE", "0s,10ms,2h,1s")  # 2h: stop there
+    assert main(["replay", path]) == 1
+    assert "read 1, delivered 0, still failing 1" in capsys.readouterr().out
+    assert len(webhook_receiver.attempts) == 3  # the first attempt, then 0s and 10ms
+    (left,) = read_records(path)
+    assert (left["id"], left["lastError"]) == ("msg_1", "HTTP 503")
+
+
 def test_replay_of_a_missing_file(tmp_path, capsys):
     assert main(["replay", str(tmp_path / "none.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err

@@ -47,8 +47,8 @@ def test_defaults() -> None:
     assert settings == Settings(
         hooks=(), timeout=10, max_workers=4, max_body=1024 * 1024,
         retry_schedule=(5, 300, 1800, 7200, 18000, 36000, 36000), endpoint_concurrency=2,
-        breaker_threshold=5, queue_size=10000, shutdown_timeout=10, redact=DEFAULT_REDACT, dispatcher="thread",
-        secret=None, dead_letter=None, ca_bundle=None, broker_url=None,
+        breaker_threshold=5, queue_size=10000, shutdown_timeout=10, redact=DEFAULT_REDACT,
+        dispatcher="thread", secret=None, dead_letter=None, ca_bundle=None, broker_url=None,
     )  # fmt: skip
     assert {"password", "secret", "token", "authorization", "cookie"} <= set(DEFAULT_REDACT)
 

@@ -141,7 +141,7 @@ def test_a_success_notes_when():
 def opened(threshold: int = 1, at: float = NOW) -> Breaker:
     """A breaker that opened at *at*."""
     breaker = Breaker(threshold)
-    for n in range(threshold):
+    for _ in range(threshold):
         breaker.record(S503, at)
     assert breaker.state == "open"
     return breaker
@@ -193,12 +193,11 @@ def test_a_failed_probe_reopens_with_the_pause_doubled_up_to_max_pause():
 
 def test_a_successful_probe_closes_and_clears_the_outage():
     breaker = opened(threshold=2)
-    breaker.waited = 7
     probe_time = breaker.probe_at
     assert breaker.admit(probe_time, LEASE) is Gate.PROBE
     assert breaker.record(OK, probe_time + 0.5) == "closed"
     assert breaker.state == "closed"
-    assert (breaker.opened_at, breaker.pause, breaker.failures, breaker.waited) == (None, 0, 0, 0)
+    assert (breaker.opened_at, breaker.pause, breaker.failures) == (None, 0, 0)
     assert breaker.last_success == probe_time + 0.5
     assert breaker.admit(probe_time + 1, LEASE) is Gate.SEND
 
@@ -273,7 +272,7 @@ def test_unavailable(breaker, message):
                      id="closed-with-failures"),
         pytest.param(opened(threshold=2), id="open"),
         pytest.param(Breaker(2, state="half-open", failures=4, opened_at=NOW, probe_at=NOW + 5,
-                             probe_until=NOW + 19, pause=10.0, last_error="HTTP 503", waited=12),
+                             probe_until=NOW + 19, pause=10.0, last_error="HTTP 503"),
                      id="half-open"),
         pytest.param(Breaker(5, state="disabled", gone_at=NOW, last_error="HTTP 410"),
                      id="disabled"),
@@ -477,21 +476,20 @@ def test_take_sends_one_probe_to_an_open_endpoint(monkeypatch):
 
 
 def test_waiting_hooks_expire_when_their_schedule_has_run_out():
-    lanes = lanes_of([A, B], retry_schedule="1s,1s,2s")
+    lanes = lanes_of([A, B], retry_schedule="1s,1s,2s", breaker_threshold=1)
     a = lane(lanes, A)
     offer(lanes, A, "fresh", now=100.0)
     retried = delivery_to(A, "retried", attempts=2)
     lanes.count(a, +1)
     lanes.put(a, retried, 100.0)
     assert a.deadlines == {}  # closed: nothing expires
-    a.breaker.threshold = 1
-    a.breaker.record(S503, NOW)
+    assert a.breaker.record(S503, NOW) == "opened"
     lanes.park(a, 100.0)  # the dispatcher does so when it opens
-    assert a.breaker.waited == 2
+    assert len(a.waited) == 2
     later = delivery_to(A, "later", attempts=1)
     lanes.count(a, +1)
     lanes.put(a, later, 101.0)  # waits from 101: 3 s of its schedule left
-    assert a.breaker.waited == 3
+    assert len(a.waited) == 3
     assert lanes.expired(101.999) == []
     assert [(x.origin, d.call_id) for x, d in lanes.expired(102.0)] == [
         ("http://127.0.0.1:7001", "retried")
@@ -502,9 +500,8 @@ def test_waiting_hooks_expire_when_their_schedule_has_run_out():
 
 
 def test_hooks_no_longer_expire_once_the_endpoint_closed():
-    lanes = lanes_of([A], retry_schedule=[1, 1])
+    lanes = lanes_of([A], retry_schedule=[1, 1], breaker_threshold=1)
     a = lane(lanes, A)
-    a.breaker.threshold = 1
     a.breaker.record(S503, NOW)
     offer(lanes, A, "waiting", now=0.0)
     assert lanes.next_wake(0.0, NOW) == pytest.approx(2.0)  # its give-up time comes first
@@ -515,9 +512,8 @@ def test_hooks_no_longer_expire_once_the_endpoint_closed():
 
 
 def test_next_wake_is_the_probe_when_it_comes_first():
-    lanes = lanes_of([A], retry_schedule=[3600])
+    lanes = lanes_of([A], retry_schedule=[3600], breaker_threshold=1)
     a = lane(lanes, A)
-    a.breaker.threshold = 1
     a.breaker.record(S503, NOW)
     offer(lanes, A, "waiting", now=0.0)
     assert lanes.next_wake(0.0, NOW) == pytest.approx(endpoints.FIRST_PAUSE)

@@ -162,8 +162,10 @@ class WebhookMiddleware:
         """For each endpoint (a hook URL's scheme, host and port): its ``state``
         (``closed``, ``open``, ``half-open``, ``disabled``), ``pending``, ``delivered``,
         ``failed``, ``consecutive_failures``, ``last_error``, ``last_success`` and
-        ``opened_at`` (epoch seconds or ``None``)."""
-        return self.dispatcher.endpoint_stats()
+        ``opened_at`` (epoch seconds or ``None``). Empty for a dispatcher of your own
+        that has no ``endpoint_stats()``."""
+        endpoint_stats = getattr(self.dispatcher, "endpoint_stats", None)
+        return endpoint_stats() if endpoint_stats is not None else {}
 
     @contextmanager
     def call(

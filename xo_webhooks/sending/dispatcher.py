@@ -104,6 +104,7 @@ class ThreadDispatcher:
         self._cond = threading.Condition(lock)  # workers wait here for hooks to send
         self._idle = threading.Condition(lock)  # flush() waits here for nothing pending
         self._lanes = Lanes(self.settings, self.policy)
+        self._refused: set[int] = set()  # refused hooks on their way to the record
         self._delayed: list[tuple[float, int, Delivery]] = []  # retries, a heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
         self._open_pres: Counter[tuple[Any, str]] = Counter()
@@ -122,10 +123,12 @@ class ThreadDispatcher:
         """Queue *delivery*; never blocks (beyond a short lock), never raises."""
         with self._cond:
             self._start_workers()
-            lane, refusal = self._accept(delivery)
+            self._counters["accepted"] += 1
+            lane = self._lanes.of(delivery)
+            refusal = self._refusal(lane)
+            self._hold(delivery, lane, refusal)
             if refusal is None:
                 key = delivery.order_key
-                self._note_pre(delivery)
                 if not delivery.is_pre and key in self._open_pres:
                     self._held.setdefault(key, []).append(delivery)
                 else:
@@ -140,18 +143,20 @@ class ThreadDispatcher:
         any, go on in the background. An endpoint that is down gets no attempt: the
         hook waits for it like any other. Returns whether the hook was delivered."""
         with self._cond:
-            lane, refusal = self._accept(delivery)
+            self._counters["accepted"] += 1
+            lane = self._lanes.of(delivery)
             gate = lane.breaker.admit(time.time(), self._lease)
             if gate is Gate.GONE:
-                refusal = lane.breaker.unavailable(lane.origin)
-            elif gate is Gate.WAIT and refusal is None:
-                self._note_pre(delivery)
+                refusal: str | None = lane.breaker.unavailable(lane.origin)
+            elif gate is Gate.WAIT:  # it waits in the queue: it needs a place there
+                refusal = self._refusal(lane)
+            else:  # the attempt is this thread's: no queue place needed
+                refusal = None
+            self._hold(delivery, lane, refusal)
+            if refusal is None and gate is Gate.WAIT:
                 self._lanes.put(lane, delivery, time.monotonic())
                 self._cond.notify()
                 return False
-            elif gate is not Gate.WAIT:
-                refusal = None  # the attempt is this thread's: no queue place needed
-                self._note_pre(delivery)
         if refusal is not None:
             delivery.last_error = refusal
             self._give_up([delivery])
@@ -166,7 +171,7 @@ class ThreadDispatcher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending; return whether that happened within *timeout*."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._lanes.pending == 0, timeout)
+            return self._idle.wait_for(lambda: self._pending() == 0, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
@@ -195,7 +200,7 @@ class ThreadDispatcher:
         ``failed == dead_lettered + lost`` hold at every moment."""
         with self._cond:
             counters = {name: self._counters[name] for name in STAT_NAMES}
-            counters["pending"] = self._lanes.pending
+            counters["pending"] = self._pending()
         return counters
 
     def endpoint_stats(self) -> dict[str, dict[str, Any]]:
@@ -207,19 +212,25 @@ class ThreadDispatcher:
 
     # -- internals --------------------------------------------------------------------
 
-    def _accept(self, delivery: Delivery) -> tuple[Lane, str | None]:
-        """Count *delivery* as accepted and pending on its lane; return the lane, and why
-        the hook is to be given up on at once, if it is. Holds the lock."""
-        self._counters["accepted"] += 1
-        lane = self._lanes.of(delivery)
+    def _refusal(self, lane: Lane) -> str | None:
+        """Why a new hook to *lane* is given up on at once, or ``None``. Holds the lock."""
         if self._closed:
-            refusal: str | None = "dispatcher closed"
-        elif lane.breaker.state == "disabled":
-            refusal = lane.breaker.unavailable(lane.origin)
+            return "dispatcher closed"
+        if lane.breaker.state == "disabled":
+            return lane.breaker.unavailable(lane.origin)
+        return self._lanes.refusal(lane)
+
+    def _hold(self, delivery: Delivery, lane: Lane, refusal: str | None) -> None:
+        """Count an accepted delivery as pending: on its lane, or, refused, apart until
+        it is recorded (it holds no place of the bound). Holds the lock."""
+        if refusal is None:
+            self._lanes.count(lane, +1)
+            self._note_pre(delivery)
         else:
-            refusal = self._lanes.refusal(lane)
-        self._lanes.count(lane, +1)
-        return lane, refusal
+            self._refused.add(id(delivery))
+
+    def _pending(self) -> int:
+        return self._lanes.pending + len(self._refused)
 
     def _note_pre(self, delivery: Delivery) -> None:
         """A pre hook is on its way: its call's post hooks to that URL wait for it."""
@@ -301,9 +312,10 @@ class ThreadDispatcher:
             if delivery.attempts > 1:
                 self._counters["retried"] += 1
             breaker = lane.breaker
-            down_since, waited = breaker.opened_at, breaker.waited
+            down_since, waited = breaker.opened_at, len(lane.waited)
             transition = breaker.record(attempt, time.time())
             gone = self._transition(lane, transition)
+            gone_waiting = len(gone)
             if attempt.delivered:
                 self._counters["delivered"] += 1
                 lane.delivered += 1
@@ -321,7 +333,7 @@ class ThreadDispatcher:
                     self._cond.notify()
                 else:
                     gone.append(delivery)
-        log_transition(lane.origin, breaker, transition, down_since, waited, len(gone))
+        log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
         self._give_up(gone)
 
     def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
@@ -356,7 +368,7 @@ class ThreadDispatcher:
                 for post in held:
                     self._lanes.put(self._lanes.of(post), post, now)
                 self._cond.notify(len(held))
-        if self._lanes.pending == 0:
+        if self._pending() == 0:
             self._idle.notify_all()
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
@@ -372,7 +384,10 @@ class ThreadDispatcher:
             for delivery in deliveries:
                 lane = self._lanes.of(delivery)
                 lane.failed += 1
-                self._lanes.count(lane, -1)
+                if id(delivery) in self._refused:
+                    self._refused.discard(id(delivery))
+                else:
+                    self._lanes.count(lane, -1)
                 self._finish(delivery)
 
     def __repr__(self) -> str:

@@ -83,7 +83,6 @@ class Breaker:
     pause: float = 0.0  #: the current pause between probes
     last_error: str | None = None
     last_success: float | None = None
-    waited: int = 0  #: hooks that waited during this outage
     gone_at: float | None = None
 
     def admit(self, now: float, lease: float) -> Gate:
@@ -121,7 +120,7 @@ class Breaker:
             self.failures = 0
             if self.state == "closed":
                 return None
-            self.state, self.opened_at, self.pause, self.waited = "closed", None, 0.0, 0
+            self.state, self.opened_at, self.pause = "closed", None, 0.0
             return "closed"
         if self.state == "half-open":
             self.probe_until = 0.0
@@ -177,8 +176,9 @@ def log_transition(
     """One log line per transition of *origin*'s breaker, never one per hook.
 
     :param down_since: when it opened (for the line that says it closed).
-    :param waited: hooks that waited during the outage.
-    :param gone: hooks given up on when it was disabled.
+    :param waited: distinct hooks that waited during the outage.
+    :param gone: waiting hooks given up on when it was disabled (besides the one that
+        got the ``410``).
     """
     if transition == "opened":
         logger.warning(
@@ -189,13 +189,14 @@ def log_transition(
     elif transition == "closed":
         down = time.time() - (down_since or time.time())
         logger.info(
-            "endpoint %s is back after %.0f s down; %d hook(s) waited and flow again",
+            "endpoint %s is back after %.0f s down; %d hook(s) waited meanwhile, and those "
+            "still pending flow again",
             origin, down, waited,
         )  # fmt: skip
     elif transition == "disabled":
         logger.error(
-            "endpoint %s answered 410 Gone: disabled until restart; %d waiting hook(s) "
-            "dead-lettered now and every later one at once",
+            "endpoint %s answered 410 Gone: disabled until restart; that hook and %d waiting "
+            "one(s) dead-lettered now, every later one at once",
             origin, gone,
         )  # fmt: skip
     elif transition == "reopened":

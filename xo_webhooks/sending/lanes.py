@@ -39,6 +39,7 @@ class Lane:
         self.waiting: OrderedDict[int, Delivery] = OrderedDict()  # due, in order
         self.deadlines: dict[int, float] = {}  # waiting hooks' give-up times, while not closed
         self.in_flight = 0  # attempts by the workers
+        self.waited: set[int] = set()  # hooks that waited during the current outage
         self.pending = 0  # accepted and not finished: waiting, held, retrying, in flight
         self.delivered = 0
         self.failed = 0
@@ -129,16 +130,17 @@ class Lanes:
         lane.waiting[id(delivery)] = delivery
         if lane.breaker.state != "closed":
             self._set_deadline(lane, delivery, now)
-            lane.breaker.waited += 1
+            lane.waited.add(id(delivery))
 
     def park(self, lane: Lane, now: float) -> None:
         """The endpoint just opened: its waiting hooks get their give-up times."""
         for delivery in lane.waiting.values():
             self._set_deadline(lane, delivery, now)
-        lane.breaker.waited += len(lane.waiting)
+        lane.waited.update(lane.waiting)
 
     def unpark(self, lane: Lane) -> None:
         """The endpoint closed again: its hooks no longer expire."""
+        lane.waited.clear()
         lane.deadlines.clear()
         self._deadlines = [entry for entry in self._deadlines if entry[2] is not lane]
         heapq.heapify(self._deadlines)
