@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import celery_publish  # noqa: E402
+import isolation  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
 import receivers  # noqa: E402
@@ -32,7 +33,7 @@ import request_path  # noqa: E402
 import throughput  # noqa: E402
 from common import Row, render_table  # noqa: E402
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "C")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -111,7 +112,7 @@ def main(argv: list[str]) -> int:
         print("at least 5 rounds per measurement", file=sys.stderr)
         return 2
     only = set(args.only.split(","))
-    logging.getLogger("xo_webhooks").setLevel(logging.CRITICAL)  # failures are expected in 6
+    logging.getLogger("xo_webhooks").setLevel(logging.CRITICAL)  # failures are expected in 6 and 8
     started = time.perf_counter()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -153,6 +154,8 @@ def main(argv: list[str]) -> int:
         with receivers.slow_receiver() as url:
             info["slow_receiver"] = "Python ThreadingHTTPServer, 2 s before 204"
             step("7 latency over HTTP", latency.run, args.rounds, url)
+    if "8" in only:
+        step("8 isolation from a hung endpoint", isolation.run, args.rounds)
     if "C" in only:
         if shutil.which("redis-server") is None:
             print("C skipped: redis-server is not installed (apt-get install redis-server)")

@@ -49,6 +49,15 @@ def test_call_without_a_matching_hook_sends_nothing():
     assert dispatcher.deliveries == []
 
 
+def test_endpoint_stats_of_a_dispatcher_without_them_are_empty(wrap):
+    own = wrap(plain_app, hooks=HOOKS, dispatcher=RecordingDispatcher())
+    assert own.endpoint_stats() == {}
+    threads = wrap(plain_app, hooks=HOOKS)  # the thread dispatcher: every configured endpoint
+    ((origin, endpoint),) = threads.endpoint_stats().items()
+    assert origin == "http://127.0.0.1:9"
+    assert (endpoint["state"], endpoint["pending"], endpoint["opened_at"]) == ("closed", 0, None)
+
+
 def test_no_hooks_returns_the_apps_own_iterable():
     sentinel = [RESULT]
 

@@ -314,7 +314,7 @@ class Worker:
             if self._park(
                 origin, {**message, "giveUpAt": give_up_at}, min(due, give_up_at), delivery
             ):
-                self._count(origin, "waited")
+                self._note_waiting(origin, delivery.id)
                 return "parked"
         else:
             delivery.last_error = breaker.unavailable(origin)
@@ -330,6 +330,12 @@ class Worker:
             delivery.last_error = f"{delivery.last_error}; could not park the hook: {e}"[:300]
             return False
         return True
+
+    def _note_waiting(self, origin: str, delivery_id: str) -> None:
+        try:
+            self.breakers.note_waiting(origin, delivery_id)
+        except redis.RedisError:
+            logger.debug("could not count a waiting hook of %s", origin, exc_info=True)
 
     def _count(self, origin: str, field: str) -> None:
         try:

@@ -53,6 +53,10 @@ def _counts_key(origin: str) -> str:
     return f"{PREFIX}:endpoint-counts:{origin}"
 
 
+def _waited_key(origin: str) -> str:
+    return f"{PREFIX}:endpoint-waited:{origin}"
+
+
 class SharedBreakers:
     """The breakers of every endpoint, in Redis.
 
@@ -97,20 +101,27 @@ class SharedBreakers:
             return None, breaker  # nothing to change: no transaction
         return self._change(origin, lambda b: b.record(attempt, now))
 
-    def count(self, origin: str, field: str, amount: int = 1) -> None:
-        """Add to one of *origin*'s counters (``delivered``, ``failed``, ``waited``)."""
+    def count(self, origin: str, field: str) -> None:
+        """Add one to *origin*'s ``delivered`` or ``failed`` counter."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(_counts_key(origin), field, amount)
+        pipe.hincrby(_counts_key(origin), field, 1)
         pipe.expire(_counts_key(origin), TTL)
+        pipe.execute()
+
+    def note_waiting(self, origin: str, delivery_id: str) -> None:
+        """A hook waits for *origin* to be back (counted once however often it waits)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(_waited_key(origin), delivery_id)
+        pipe.expire(_waited_key(origin), TTL)
         pipe.execute()
 
     def take_waited(self, origin: str) -> int:
         """How many hooks waited during the outage that just ended (and start again)."""
         pipe = self.client.pipeline()
-        pipe.hget(_counts_key(origin), "waited")
-        pipe.hset(_counts_key(origin), "waited", 0)
+        pipe.scard(_waited_key(origin))
+        pipe.delete(_waited_key(origin))
         waited, _ = pipe.execute()
-        return int(waited or 0)
+        return int(waited)
 
     def _change(self, origin: str, change: Callable[[Breaker], Any]) -> tuple[Any, Breaker]:
         """Apply *change* to the breaker in a transaction; return its result."""
