@@ -47,7 +47,7 @@ from .._text import describe_error
 from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery, Sender
-from .endpoints import Breaker, Gate, log_transition, probe_lease
+from .endpoints import Breaker, Gate, probe_lease
 from .endpoints_redis import Parking, SharedBreakers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 
@@ -252,7 +252,6 @@ class Worker:
         attempt = self.sender.send(delivery)
         breaker = self._record(origin, attempt)
         if attempt.delivered:
-            self._count(origin, "delivered")
             self._done(delivery)
             return "delivered"
         delivery.failed(attempt)
@@ -286,19 +285,12 @@ class Worker:
             return Gate.SEND, Breaker(self.settings.breaker_threshold)
 
     def _record(self, origin: str, attempt: Attempt) -> Breaker:
-        """Count *attempt* on the shared breaker; log its transition, and when the
-        endpoint is back, make its parked hooks due."""
+        """Count *attempt* on the shared breaker (see :meth:`SharedBreakers.settle`)."""
         try:
-            down_since = self.breakers.load(origin).opened_at
-            transition, breaker = self.breakers.record(origin, attempt)
-            waited = self.breakers.take_waited(origin) if transition == "closed" else 0
-            if transition == "closed":
-                self.parking.release(origin)
+            return self.breakers.settle(origin, attempt, self.parking)
         except redis.RedisError:
             logger.warning("could not update the breaker of %s", origin, exc_info=True)
             return Breaker(self.settings.breaker_threshold)
-        log_transition(origin, breaker, transition, down_since, waited)
-        return breaker
 
     def _wait(
         self, message: dict[str, Any], delivery: Delivery, origin: str, breaker: Breaker
@@ -470,7 +462,7 @@ class CeleryDispatcher:
             self._give_up(delivery)
             return False
         attempt = self.sender.send(delivery)
-        self._ask(lambda: breakers.record(origin, attempt), None)
+        self._ask(lambda: breakers.settle(origin, attempt, Parking(breakers.client)), None)
         if attempt.delivered:
             with self._cond:
                 self._counters["delivered"] += 1

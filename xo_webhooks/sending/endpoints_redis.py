@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from .endpoints import GONE_STATUS, Breaker, Gate
+from .endpoints import GONE_STATUS, Breaker, Gate, log_transition
 from .policy import Attempt
 
 __all__ = ["SharedBreakers", "Parking", "TTL", "PREFIX"]
@@ -100,6 +100,24 @@ class SharedBreakers:
         if unchanged and not attempt.retryable and attempt.status != GONE_STATUS:
             return None, breaker  # nothing to change: no transaction
         return self._change(origin, lambda b: b.record(attempt, now))
+
+    def settle(self, origin: str, attempt: Attempt, parking: Parking) -> Breaker:
+        """Everything an attempt's result changes for *origin*: its breaker and counters;
+        when it is back, or gone, its parked hooks made due now (to flow, or to be given
+        up on at once); and one log line per transition. Returns the breaker."""
+        down_since = self.load(origin).opened_at
+        transition, breaker = self.record(origin, attempt)
+        if attempt.delivered:
+            self.count(origin, "delivered")
+        waited = gone = 0
+        if transition == "closed":
+            waited = self.take_waited(origin)
+        if transition == "disabled":
+            gone = parking.count(origin)
+        if transition in ("closed", "disabled"):
+            parking.release(origin)
+        log_transition(origin, breaker, transition, down_since, waited, gone)
+        return breaker
 
     def count(self, origin: str, field: str) -> None:
         """Add one to *origin*'s ``delivered`` or ``failed`` counter."""
