@@ -67,6 +67,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "tests/test_middleware.py",
         "tests/test_policy.py",
     ),
+    "xo_webhooks/sending/endpoints.py": ("tests/test_endpoints.py", "tests/test_isolation.py"),
+    "xo_webhooks/sending/lanes.py": ("tests/test_endpoints.py", "tests/test_isolation.py"),
 }
 
 PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"]

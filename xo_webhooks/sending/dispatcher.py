@@ -126,7 +126,7 @@ class ThreadDispatcher:
             self._counters["accepted"] += 1
             lane = self._lanes.of(delivery)
             refusal = self._refusal(lane)
-            self._hold(delivery, lane, refusal)
+            self._count_in(delivery, lane, refusal)
             if refusal is None:
                 key = delivery.order_key
                 if not delivery.is_pre and key in self._open_pres:
@@ -152,7 +152,7 @@ class ThreadDispatcher:
                 refusal = self._refusal(lane)
             else:  # the attempt is this thread's: no queue place needed
                 refusal = None
-            self._hold(delivery, lane, refusal)
+            self._count_in(delivery, lane, refusal)
             if refusal is None and gate is Gate.WAIT:
                 self._lanes.put(lane, delivery, time.monotonic())
                 self._cond.notify()
@@ -220,7 +220,7 @@ class ThreadDispatcher:
             return lane.breaker.unavailable(lane.origin)
         return self._lanes.refusal(lane)
 
-    def _hold(self, delivery: Delivery, lane: Lane, refusal: str | None) -> None:
+    def _count_in(self, delivery: Delivery, lane: Lane, refusal: str | None) -> None:
         """Count an accepted delivery as pending: on its lane, or, refused, apart until
         it is recorded (it holds no place of the bound). Holds the lock."""
         if refusal is None:
