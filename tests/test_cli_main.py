@@ -126,6 +126,22 @@ def test_replay_keeps_only_the_schedules_short_waits(
     assert (left["id"], left["lastError"]) == ("msg_1", "HTTP 503")
 
 
+def test_replay_keeps_a_share_of_the_queue_for_endpoints_no_longer_configured(
+    webhook_receiver, monkeypatch, tmp_path, capsys
+):
+    path = str(tmp_path / "dead.jsonl")
+    records = [{"id": f"msg_{n}", "url": webhook_receiver.url, "format": "json",
+                "payload": {**POST, "callId": f"c{n}"}, "attempts": 1, "lastError": "HTTP 503"}
+               for n in range(2)]  # fmt: skip
+    DeadLetterFile(path).append(records)
+    hooks = [{"method": "vm.*", "type": "post", "url": "http://127.0.0.1:9/elsewhere"}]
+    monkeypatch.setenv("XO_WEBHOOKS_HOOKS", json.dumps(hooks))
+    monkeypatch.setenv("XO_WEBHOOKS_QUEUE_SIZE", "4")  # shared by 2 endpoints: 2 places each
+    assert main(["replay", path]) == 0
+    assert "read 2, delivered 2, still failing 0" in capsys.readouterr().out
+    assert len(webhook_receiver.received) == 2
+
+
 def test_replay_of_a_missing_file(tmp_path, capsys):
     assert main(["replay", str(tmp_path / "none.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err

@@ -18,6 +18,8 @@ Over real HTTP: test_isolation.py.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 import pytest
@@ -25,7 +27,14 @@ import pytest
 from xo_webhooks import load_settings
 from xo_webhooks.sending import endpoints
 from xo_webhooks.sending.delivery import Delivery
-from xo_webhooks.sending.endpoints import MAX_PAUSE, Breaker, Gate, endpoint_of, probe_lease
+from xo_webhooks.sending.endpoints import (
+    MAX_PAUSE,
+    Breaker,
+    Gate,
+    endpoint_of,
+    log_transition,
+    probe_lease,
+)
 from xo_webhooks.sending.lanes import Lane, Lanes
 from xo_webhooks.sending.policy import Attempt, RetryPolicy
 
@@ -125,6 +134,13 @@ def test_opening_notes_when_and_why():
     assert breaker.pause == endpoints.FIRST_PAUSE
     assert breaker.probe_at == NOW + 1 + endpoints.FIRST_PAUSE
     assert breaker.last_error == "timed out after 2 s"
+
+
+def test_a_delivery_without_a_status_closes_a_probe():
+    """A sender of one's own may say delivered without an HTTP status."""
+    breaker = opened(threshold=1)
+    assert breaker.admit(breaker.probe_at, LEASE) is Gate.PROBE
+    assert breaker.record(Attempt(True), NOW + 10) == "closed"
 
 
 def test_a_success_notes_when():
@@ -518,6 +534,43 @@ def test_next_wake_is_the_probe_when_it_comes_first():
     offer(lanes, A, "waiting", now=0.0)
     assert lanes.next_wake(0.0, NOW) == pytest.approx(endpoints.FIRST_PAUSE)
     assert lanes.next_wake(0.0, NOW + 3 * endpoints.FIRST_PAUSE) == 0.0
+
+
+def test_a_closed_endpoint_that_waits_for_a_free_slot_sets_no_wake():
+    """Its hooks wait for an attempt in flight to end, which notifies: a wake-up time
+    here would make the workers spin."""
+    lanes = lanes_of([A], endpoint_concurrency=1)
+    offer(lanes, A, "first")
+    offer(lanes, A, "second")
+    assert taken(lanes) == ["first"]
+    assert lane(lanes, A).waiting and lanes.next_wake(0.0, NOW) is None
+
+
+def test_unpark_keeps_the_deadlines_of_other_endpoints():
+    lanes = lanes_of([A, B], retry_schedule=[1], breaker_threshold=1)
+    for url, call_id in ((A, "to-a"), (B, "to-b")):
+        lane(lanes, url).breaker.record(S503, NOW)
+        offer(lanes, url, call_id, now=0.0)
+    lane(lanes, A).breaker.record(OK, NOW + 1)
+    lanes.unpark(lane(lanes, A))
+    assert [d.call_id for _, d in lanes.expired(1.0)] == ["to-b"]
+
+
+def test_transition_lines(caplog):
+    caplog.set_level(logging.DEBUG, logger=endpoints.logger.name)
+    breaker = opened(threshold=1)
+    log_transition(A, breaker, "opened", None, 0, 0)
+    log_transition(A, breaker, "reopened", NOW, 0, 0)
+    log_transition(A, breaker, "closed", time.time() - 12, 3, 0)
+    log_transition(A, breaker, "disabled", None, 0, 4)
+    log_transition(A, breaker, None, None, 0, 0)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [
+        logging.WARNING, logging.DEBUG, logging.INFO, logging.ERROR,
+    ]  # fmt: skip
+    assert lines[1][1].endswith("is still down; next probe in 5 s")
+    assert re.search(r"is back after 1[23] s down; 3 hook\(s\) waited meanwhile", lines[2][1])
+    assert "that hook and 4 waiting one(s) dead-lettered now" in lines[3][1]
 
 
 def test_lane_stats_name_every_field():

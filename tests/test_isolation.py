@@ -390,7 +390,34 @@ def test_410_gone_disables_the_endpoint(webhook_receiver, dispatch, dead_file, c
     assert error.startswith(f"endpoint {origin} answered 410 Gone: disabled until restart; ")
 
 
+def test_post_hooks_held_for_a_pre_that_got_410_are_given_up_at_once(
+    webhook_receiver, dispatch, dead_file
+):
+    webhook_receiver.respond_with(410)
+    dispatcher, (hook,) = dispatch([webhook_receiver.url])
+    for kind in ("pre", "post"):  # the post waits for its pre, then finds the endpoint gone
+        dispatcher.submit(Delivery(hook, {**payload("c1"), "type": kind}))
+    assert dispatcher.flush(5)  # not the schedule's 27 hours
+    assert len(webhook_receiver.attempts) == 1
+    assert_ledger(dispatcher.stats())
+    records = {r["payload"]["type"]: r for r in dead_letters(dead_file)}
+    assert (records["pre"]["attempts"], records["post"]["attempts"]) == (1, 0)
+    assert "is gone: it answered 410 Gone" in records["post"]["lastError"]
+
+
 # -- deliver_now (waitForResponse) ------------------------------------------------------
+
+
+def test_hooks_waiting_after_deliver_now_alone_are_still_given_up(refused_url, dispatch):
+    """Only waitForResponse hooks, no retries: no worker was ever started by a submit,
+    and the hook that waits on the open endpoint must still be given up in time."""
+    dispatcher, (hook,) = dispatch([refused_url], retries=0, breaker_threshold=1)
+    assert dispatcher.deliver_now(Delivery(hook, payload("opens-it"))) is False
+    assert dispatcher.deliver_now(Delivery(hook, payload("waits"))) is False
+    assert dispatcher.flush(5)
+    stats = dispatcher.stats()
+    assert_ledger(stats)
+    assert (stats["accepted"], stats["dead_lettered"]) == (2, 2)
 
 
 @pytest.mark.parametrize(

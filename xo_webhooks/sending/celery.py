@@ -76,9 +76,6 @@ VISIBILITY_TIMEOUT = 90
 COUNTDOWN_LIMIT = 60.0
 #: Seconds between a worker's moves of due parked hooks back to the queue.
 PARK_POLL = 1.0
-#: Seconds a hook parked while its endpoint is half-open (another hook is the probe)
-#: waits before it asks again.
-HALF_OPEN_RECHECK = 1.0
 #: Seconds between a worker's sweeps for such messages (kombu's default is 100).
 RESTORE_INTERVAL = 5
 #: Seconds the request path waits to connect to the broker, and for its answer.
@@ -239,9 +236,14 @@ class Worker:
         """Hold, ask the endpoint's breaker, send, then finish, retry or park one
         message (the body of the task)."""
         delivery = self.delivery(message)
+        origin = endpoint_of(delivery.hook.url)
+        not_before = float(message.get("notBefore") or 0)
+        if not_before > time.time():  # a long retry of a waitForResponse hook
+            again = {k: v for k, v in message.items() if k != "notBefore"}
+            if self._park(origin, again, not_before, delivery):
+                return "parked"
         if message.get("after"):
             self._hold(task, message, delivery)
-        origin = endpoint_of(delivery.hook.url)
         gate, breaker = self._admit(origin)
         if gate is Gate.GONE:
             delivery.last_error = breaker.unavailable(origin)
@@ -302,7 +304,7 @@ class Worker:
             message.get("giveUpAt") or now + self.policy.remaining(delivery.attempts)
         )
         if now < give_up_at:
-            due = breaker.probe_at if breaker.state == "open" else now + HALF_OPEN_RECHECK
+            due = breaker.next_probe()  # a closed or disabled endpoint releases it sooner
             if self._park(
                 origin, {**message, "giveUpAt": give_up_at}, min(due, give_up_at), delivery
             ):
@@ -540,8 +542,8 @@ class CeleryDispatcher:
         spares receivers; the call never waits on it)."""
         try:
             return question()
-        except redis.RedisError:
-            logger.debug("could not reach the shared breakers", exc_info=True)
+        except Exception:  # Redis down, or a value it holds that cannot be read
+            logger.debug("could not use the shared breakers", exc_info=True)
             return otherwise
 
     def _celery(self) -> Celery:
@@ -564,6 +566,9 @@ class CeleryDispatcher:
         """Publish *delivery* for the workers, or give it up; it leaves the in-flight ones."""
         key = delivery.order_key
         message = delivery.to_message()
+        if countdown is not None and countdown > COUNTDOWN_LIMIT:
+            # Longer than a worker may hold a message: the first worker parks it.
+            message["notBefore"], countdown = time.time() + countdown, None
         with self._cond:
             if not delivery.is_pre and key in self._pres:
                 message["after"] = list(self._pres[key])

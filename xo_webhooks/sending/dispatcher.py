@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from ..config import Settings
@@ -80,6 +81,8 @@ class ThreadDispatcher:
     :param sender: the transport (a :class:`Sender` by default).
     :param dead_letters: where hooks given up on go (by default the configured store;
         ``xo-webhooks replay`` collects them with its own).
+    :param endpoints: endpoints besides the configured ones that keep a share of the
+        queue (``replay`` gives those of its records).
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class ThreadDispatcher:
         *,
         sender: Sender | None = None,
         dead_letters: DeadLetters | None = None,
+        endpoints: Iterable[str] = (),
     ) -> None:
         self.settings = settings
+        self._endpoints = tuple(endpoints)
         self.sender = sender or Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = dead_letters or DeadLetters(settings)
@@ -103,7 +108,7 @@ class ThreadDispatcher:
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # workers wait here for hooks to send
         self._idle = threading.Condition(lock)  # flush() waits here for nothing pending
-        self._lanes = Lanes(self.settings, self.policy)
+        self._lanes = Lanes(self.settings, self.policy, self._endpoints)
         self._refused: set[int] = set()  # refused hooks on their way to the record
         self._delayed: list[tuple[float, int, Delivery]] = []  # retries, a heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
@@ -154,6 +159,7 @@ class ThreadDispatcher:
                 refusal = None
             self._count_in(delivery, lane, refusal)
             if refusal is None and gate is Gate.WAIT:
+                self._start_workers()  # to probe the endpoint, or give the hook up in time
                 self._lanes.put(lane, delivery, time.monotonic())
                 self._cond.notify()
                 return False
@@ -285,7 +291,7 @@ class ThreadDispatcher:
                     expired.append((lane, delivery))
                 else:
                     self._lanes.put(lane, delivery, now)
-            expired += self._lanes.expired(now)
+            expired += self._lanes.expired(now) + self._lanes.gone()
             if expired:
                 for lane, delivery in expired:
                     delivery.last_error = lane.breaker.unavailable(lane.origin)

@@ -39,15 +39,12 @@ __all__ = [
     "Gate",
     "FIRST_PAUSE",
     "MAX_PAUSE",
-    "STATES",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds an endpoint stays open before its first probe, and the most it ever waits.
 FIRST_PAUSE, MAX_PAUSE = 5.0, 300.0
-#: The states an endpoint can be in.
-STATES = ("closed", "open", "half-open", "disabled")
 GONE_STATUS = 410
 
 
@@ -92,11 +89,15 @@ class Breaker:
             return Gate.SEND
         if self.state == "disabled":
             return Gate.GONE
-        due = self.probe_at if self.state == "open" else self.probe_until
-        if now < due:
+        if now < self.next_probe():
             return Gate.WAIT
         self.state, self.probe_until = "half-open", now + lease
         return Gate.PROBE
+
+    def next_probe(self) -> float:
+        """When a probe may go: open, after the pause; half-open, once the probe on
+        its way has had its lease."""
+        return self.probe_at if self.state == "open" else self.probe_until
 
     def record(self, attempt: Attempt, now: float) -> str | None:
         """Count one attempt's result; return the transition it caused, if any:
@@ -171,7 +172,7 @@ def log_transition(
     transition: str | None,
     down_since: float | None,
     waited: int,
-    gone: int = 0,
+    gone: int,
 ) -> None:
     """One log line per transition of *origin*'s breaker, never one per hook.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -87,8 +88,9 @@ class SharedBreakers:
             return breaker.admit(time.time(), self.lease), breaker
         return self._change(origin, lambda b: b.admit(time.time(), self.lease))
 
-    def record(self, origin: str, attempt: Attempt) -> tuple[str | None, Breaker]:
-        """Count one attempt's result; return the transition it caused and the breaker."""
+    def record(self, origin: str, attempt: Attempt) -> tuple[str | None, Breaker, float | None]:
+        """Count one attempt's result; return the transition it caused, the breaker, and
+        when the endpoint had opened (before this attempt; ``None`` if it was not open)."""
         now = time.time()
         counts = self.client.pipeline(transaction=False)
         if attempt.delivered:
@@ -98,15 +100,21 @@ class SharedBreakers:
         breaker = self.load(origin)
         unchanged = breaker.state == "closed" and breaker.failures == 0
         if unchanged and not attempt.retryable and attempt.status != GONE_STATUS:
-            return None, breaker  # nothing to change: no transaction
-        return self._change(origin, lambda b: b.record(attempt, now))
+            return None, breaker, None  # nothing to change: no transaction
+        opened_at: list[float | None] = []
+
+        def change(breaker: Breaker) -> str | None:
+            opened_at[:] = [breaker.opened_at]
+            return breaker.record(attempt, now)
+
+        transition, breaker = self._change(origin, change)
+        return transition, breaker, opened_at[0]
 
     def settle(self, origin: str, attempt: Attempt, parking: Parking) -> Breaker:
         """Everything an attempt's result changes for *origin*: its breaker and counters;
         when it is back, or gone, its parked hooks made due now (to flow, or to be given
         up on at once); and one log line per transition. Returns the breaker."""
-        down_since = self.load(origin).opened_at
-        transition, breaker = self.record(origin, attempt)
+        transition, breaker, down_since = self.record(origin, attempt)
         if attempt.delivered:
             self.count(origin, "delivered")
         waited = gone = 0
@@ -212,8 +220,11 @@ class Parking:
     def park(self, origin: str, message: dict[str, Any], due: float) -> None:
         """Keep *message* until *due* (epoch seconds)."""
         parked, _ = self._keys(origin)
+        # A fresh nonce makes each parking a member of its own: a hook parked again
+        # while an older copy is still claimed is never confused with it.
+        member = json.dumps({**message, "parkId": secrets.token_hex(8)}, separators=(",", ":"))
         pipe = self.client.pipeline()
-        pipe.zadd(parked, {json.dumps(message, separators=(",", ":")): due})
+        pipe.zadd(parked, {member: due})
         pipe.sadd(self._registry, origin)
         pipe.execute()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from ..config import Settings
@@ -69,24 +70,25 @@ class Lanes:
 
     :param settings: the hooks (their endpoints), queue size, concurrency, threshold.
     :param policy: how long a waiting hook may wait (its schedule's remaining delays).
+    :param others: endpoints besides the configured ones that keep a share (a replay's).
     """
 
-    def __init__(self, settings: Settings, policy: RetryPolicy) -> None:
+    def __init__(self, settings: Settings, policy: RetryPolicy, others: Iterable[str] = ()) -> None:
         self.policy = policy
         self.concurrency = settings.endpoint_concurrency
         self.queue_size = settings.queue_size
         self.threshold = settings.breaker_threshold
-        configured = dict.fromkeys(endpoint_of(hook.url) for hook in settings.hooks)
-        share = self.queue_size // len(configured) if configured else 0
+        origins = dict.fromkeys([*(endpoint_of(hook.url) for hook in settings.hooks), *others])
+        share = self.queue_size // max(1, len(origins))
         self._lanes: dict[str, Lane] = {}
         self._order: list[Lane] = []
         self._turn = 0
         self.pending = 0
         self._kept = 0  # places kept for lanes under their share
-        for origin in configured:
-            self._add_lane(origin, share)
         self._deadlines: list[tuple[float, int, Lane, int]] = []  # heap
         self._seq = itertools.count()
+        for origin in origins:
+            self._add_lane(origin, share)
 
     def _add_lane(self, origin: str, share: int) -> Lane:
         lane = self._lanes[origin] = Lane(origin, self.threshold, share)
@@ -95,8 +97,8 @@ class Lanes:
         return lane
 
     def of(self, delivery: Delivery) -> Lane:
-        """The lane of *delivery*'s endpoint (a new one, with no share, for a URL that
-        is not configured: a replayed hook's)."""
+        """The lane of *delivery*'s endpoint (a new one, with no share, for an endpoint
+        that was not given: it only borrows free places)."""
         origin = endpoint_of(delivery.hook.url)
         lane = self._lanes.get(origin)
         return lane if lane is not None else self._add_lane(origin, 0)
@@ -105,10 +107,10 @@ class Lanes:
 
     def refusal(self, lane: Lane) -> str | None:
         """Why a new hook to *lane* cannot be accepted now, or ``None``."""
-        if lane.pending < lane.share or self.pending + self._kept < self.queue_size:
-            return None
         if self.pending >= self.queue_size:
             return "queue full"
+        if lane.pending < lane.share or self.pending + self._kept < self.queue_size:
+            return None
         return (
             f"queue full for endpoint {lane.origin}: it has {lane.pending} hooks pending, "
             f"its share of XO_WEBHOOKS_QUEUE_SIZE={self.queue_size} is {lane.share}, and "
@@ -161,6 +163,16 @@ class Lanes:
                 out.append((lane, lane.waiting.pop(key)))
         return out
 
+    def gone(self) -> list[tuple[Lane, Delivery]]:
+        """Remove and return the waiting hooks of disabled endpoints (a post hook
+        released there when its pre hook was given up on)."""
+        return [
+            (lane, delivery)
+            for lane in self._order
+            if lane.breaker.state == "disabled" and lane.waiting
+            for delivery in self.drain(lane)
+        ]
+
     def drain(self, lane: Lane | None = None) -> list[Delivery]:
         """Remove and return the waiting hooks of *lane* (of every lane by default)."""
         lanes = self._order if lane is None else [lane]
@@ -200,9 +212,7 @@ class Lanes:
         times = [self._deadlines[0][0] - now] if self._deadlines else []
         for lane in self._order:
             if lane.waiting and lane.breaker.state in ("open", "half-open"):
-                breaker = lane.breaker
-                due = breaker.probe_at if breaker.state == "open" else breaker.probe_until
-                times.append(due - now_epoch)
+                times.append(lane.breaker.next_probe() - now_epoch)
         return max(0.0, min(times)) if times else None
 
     def stats(self) -> dict[str, dict[str, Any]]:

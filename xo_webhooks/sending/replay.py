@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery
 from .dispatcher import ThreadDispatcher
@@ -46,8 +47,9 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     store = open_dead_letter(target)
     failed: list[dict[str, Any]] = []
     still_failing = DeadLetters(settings, store=_Collector(failed))
-    dispatcher = ThreadDispatcher(settings, dead_letters=still_failing)
     with store.taken() as records:
+        origins = {endpoint_of(str(record["url"])) for record in records}
+        dispatcher = ThreadDispatcher(settings, dead_letters=still_failing, endpoints=origins)
         for record in records:
             dispatcher.submit(Delivery.from_record(record, settings))
         dispatcher.flush()
