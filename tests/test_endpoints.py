@@ -395,6 +395,11 @@ def test_finished_hooks_free_their_places():
     assert offer(lanes, A, "late") is None
 
 
+def test_with_no_endpoint_configured_every_place_is_free():
+    lanes = lanes_of([], queue_size=2)
+    assert [offer(lanes, A), offer(lanes, B), offer(lanes, A)] == [None, None, "queue full"]
+
+
 def test_an_unconfigured_endpoint_only_borrows_free_places():
     lanes = lanes_of([A, B, C], queue_size=10)  # 3 each, 1 free
     replayed = "http://127.0.0.1:7999/replayed"
