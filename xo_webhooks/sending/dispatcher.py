@@ -138,7 +138,8 @@ class ThreadDispatcher:
                     self._held.setdefault(key, []).append(delivery)
                 else:
                     self._lanes.put(lane, delivery, time.monotonic())
-                    self._cond.notify()
+                    if not self._lanes.saturated(lane):  # else no worker could take it
+                        self._cond.notify()
         if refusal is not None:
             delivery.last_error = refusal
             self._give_up([delivery])

@@ -206,6 +206,12 @@ class Lanes:
             return lane, delivery
         return None
 
+    def saturated(self, lane: Lane) -> bool:
+        """Whether *lane* is closed and has its concurrency in flight: a hook queued
+        there waits for an attempt to end, and waking a worker for it would be wasted
+        (the request path pays for that wake-up)."""
+        return lane.breaker.state == "closed" and lane.in_flight >= self.concurrency
+
     def next_wake(self, now: float, now_epoch: float) -> float | None:
         """Seconds until a waiting hook's give-up time or an endpoint's probe; ``None``
         when nothing is due to happen."""
