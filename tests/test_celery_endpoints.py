@@ -37,8 +37,8 @@ from xo_webhooks.sending.celery import (  # noqa: E402
     COUNTDOWN_LIMIT,
     PRE_DONE_KEY,
     QUEUE,
-    CeleryDispatcher,
 )
+from xo_webhooks.sending.celery_publisher import CeleryDispatcher  # noqa: E402
 from xo_webhooks.sending.endpoints_redis import Parking  # noqa: E402
 
 from . import test_celery, test_celery_worker  # noqa: E402

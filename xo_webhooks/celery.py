@@ -14,14 +14,8 @@ from typing import Any
 from celery import Celery
 
 from .config import load_settings
-from .sending.celery import (
-    QUEUE,
-    TASK_NAME,
-    VISIBILITY_TIMEOUT,
-    CeleryDispatcher,
-    Worker,
-    celery_app,
-)
+from .sending.celery import QUEUE, TASK_NAME, VISIBILITY_TIMEOUT, Worker, celery_app
+from .sending.celery_publisher import CeleryDispatcher
 
 __all__ = ["CeleryDispatcher", "Worker", "celery_app", "TASK_NAME", "QUEUE", "VISIBILITY_TIMEOUT"]
 

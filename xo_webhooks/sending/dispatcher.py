@@ -404,7 +404,7 @@ class ThreadDispatcher:
 def make_dispatcher(settings: Settings) -> Dispatcher:
     """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
     if settings.dispatcher == "celery":  # imported only when asked: an optional extra
-        from .celery import CeleryDispatcher
+        from .celery_publisher import CeleryDispatcher
 
         return CeleryDispatcher(settings)
     return ThreadDispatcher(settings)
