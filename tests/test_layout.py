@@ -16,7 +16,9 @@ PACKAGE = "xo_webhooks"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: Imported by every direction; import none of them.
-SHARED = {"_version", "_text", "_urls", "_streams", "errors", "config", "schema", "signing"}
+SHARED = {
+    "_version", "_text", "_urls", "_streams", "_trace", "errors", "config", "schema", "signing",
+}  # fmt: skip
 #: What each part may import, besides itself and the shared pieces.
 ALLOWED = {
     "shared": set(),

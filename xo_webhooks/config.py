@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "caBundle": None,
     "dispatcher": "thread",
     "brokerUrl": None,
+    "metricsPort": None,
 }
 #: Seconds before each retry by default (5s,5m,30m,2h,5h,10h,10h): 27 h 35 min, as
 #: the Standard Webhooks spec asks for a schedule spanning more than a day.
@@ -140,6 +141,7 @@ class Settings:
     ca_bundle: str | None = None
     dispatcher: str = "thread"
     broker_url: str | None = field(default=None, repr=False)
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoint_concurrency:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._text import describe_error
+from .._trace import capture as capture_trace
 from ..config import Hook, Settings, load_settings
 from ..sending.delivery import Delivery, new_id
 from ..sending.dispatcher import Dispatcher, make_dispatcher
@@ -59,6 +60,7 @@ class _TrackedCall:
     user: User
     start_ms: int
     start: float  # monotonic, for the duration
+    trace: dict[str, str] | None  # the W3C trace context its hooks carry
 
     def post_builder(
         self, end: float, outcome_of: OutcomeOf, user: User
@@ -90,6 +92,10 @@ class WebhookMiddleware:
         call, and the post hook uses it.
     :param dispatcher: what delivers the hooks; by default a :class:`ThreadDispatcher`
         (or the Celery one with ``XO_WEBHOOKS_DISPATCHER=celery``).
+    :param on_give_up: ``f(record)``, called from a delivery thread with the redacted
+        dead-letter record of each hook given up on, once the store was written (also
+        when there is none, or it failed); for alerting, or a store of your own. If it
+        raises, that is logged and delivery goes on.
     :param environ: the environment to configure from (``os.environ`` by default).
     :param settings: any setting in snake_case (``timeout=2.5``, ``max_workers=8``,
         ``max_body=...``, ``retries=...``, ``dead_letter=...``); wins over the
@@ -110,6 +116,7 @@ class WebhookMiddleware:
         *,
         user_resolver: UserResolver | None = None,
         dispatcher: Dispatcher | None = None,
+        on_give_up: Callable[[dict[str, Any]], object] | None = None,
         environ: Mapping[str, str] | None = None,
         **settings: Any,
     ) -> None:
@@ -123,6 +130,10 @@ class WebhookMiddleware:
         self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
         self.user_resolver = user_resolver or remote_user
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
+        if on_give_up is not None:
+            self.observe(_GiveUpCallback(on_give_up))
+        if self._enabled:
+            capture_trace()  # imports OpenTelemetry, if installed, now and not in a request
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # Cheap checks first: most requests never have their body touched.
@@ -167,6 +178,19 @@ class WebhookMiddleware:
         endpoint_stats = getattr(self.dispatcher, "endpoint_stats", None)
         return endpoint_stats() if endpoint_stats is not None else {}
 
+    def observe(self, observer: object) -> None:
+        """Tell *observer* what happens to hooks from now on: any of ``accepted``,
+        ``attempted``, ``delivered``, ``given_up`` and ``state_changed`` (see
+        ``xo_webhooks.sending.observers.DeliveryObserver``). ``xo_webhooks.metrics``
+        registers itself this way.
+
+        :raises TypeError: for a dispatcher of your own that has no ``observers``.
+        """
+        observers = getattr(self.dispatcher, "observers", None)
+        if observers is None:
+            raise TypeError(f"{self.dispatcher!r} cannot be observed: it has no observers")
+        observers.add(observer)
+
     @contextmanager
     def call(
         self,
@@ -185,7 +209,7 @@ class WebhookMiddleware:
         record = CallResult()
         # Copies: the payloads are serialised later, on another thread.
         entry = Call(method, _copy({} if params is None else params, "params", {}))
-        tracked = self._start(self._matched([entry]), user or NO_USER)
+        tracked = self._start(self._matched([entry]), user or NO_USER, capture_trace())
         try:
             yield record
         except Exception as e:
@@ -214,7 +238,7 @@ class WebhookMiddleware:
         except Exception:
             logger.exception("the xo-webhooks user_resolver failed; sending no user")
             user = NO_USER
-        return self._start(matched, user)
+        return self._start(matched, user, capture_trace(environ))
 
     def _matched(self, calls: list[Call]) -> list[tuple[Call, tuple[Hook, ...]]]:
         """The calls that trigger hooks, each with its hooks."""
@@ -237,21 +261,25 @@ class WebhookMiddleware:
             return True  # let the JSON parser judge
 
     def _start(
-        self, matched: list[tuple[Call, tuple[Hook, ...]]], user: User
+        self,
+        matched: list[tuple[Call, tuple[Hook, ...]]],
+        user: User,
+        trace: dict[str, str] | None,
     ) -> list[_TrackedCall]:
         """Track the calls that trigger hooks and send their pre hooks."""
         start_ms, start = int(time.time() * 1000), time.monotonic()
         tracked = [
-            _TrackedCall(call, hooks, new_id(), user, start_ms, start) for call, hooks in matched
+            _TrackedCall(call, hooks, new_id(), user, start_ms, start, trace)
+            for call, hooks in matched
         ]
         waiting = []
         for entry in tracked:
             pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
             for hook in entry.hooks:
                 if hook.pre and hook.wait_for_response:
-                    waiting.append(Delivery(hook, pre))
+                    waiting.append(Delivery(hook, pre, trace=trace))
                 elif hook.pre:
-                    self.dispatcher.submit(Delivery(hook, pre))
+                    self.dispatcher.submit(Delivery(hook, pre, trace=trace))
         for delivery in waiting:  # by design, the call waits for these
             self.dispatcher.deliver_now(delivery)
         return tracked
@@ -318,8 +346,23 @@ class WebhookMiddleware:
             build = entry.post_builder(end, outcome_of, late_user or entry.user)
             for hook in entry.hooks:
                 if hook.post:
-                    delivery = Delivery(hook, build=build, call_id=entry.call_id, kind="post")
+                    delivery = Delivery(
+                        hook, build=build, call_id=entry.call_id, kind="post", trace=entry.trace
+                    )
                     self.dispatcher.submit(delivery)
+
+
+class _GiveUpCallback:
+    """The ``on_give_up`` callback, as an observer."""
+
+    def __init__(self, callback: Callable[[dict[str, Any]], object]) -> None:
+        self.callback = callback
+
+    def given_up(self, origin: str, delivery: Delivery, record: dict[str, Any]) -> None:
+        self.callback(record)
+
+    def __repr__(self) -> str:
+        return f"on_give_up={self.callback!r}"
 
 
 @dataclass

@@ -30,6 +30,7 @@ Needs the ``celery`` extra; the base install never imports this module.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from ..config import Settings
 from .delivery import Delivery, Sender
 from .endpoints import Breaker, Gate, probe_lease
 from .endpoints_redis import Parking, SharedBreakers
+from .observers import Observers
 from .policy import Attempt, DeadLetters, RetryPolicy
 
 __all__ = [
@@ -133,7 +135,25 @@ def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
             return worker.run(task, message)
 
         app.steps["worker"].add(_parked_hooks_step(app, worker))
+        if settings.metrics_port:
+            _export_metrics(worker, settings.metrics_port)
     return app
+
+
+def _export_metrics(worker: Worker, port: int) -> None:
+    """Serve the worker's Prometheus metrics on *port* (all of the pool's processes
+    when ``PROMETHEUS_MULTIPROC_DIR`` is set, as the prefork pool needs)."""
+    import prometheus_client  # the prometheus extra, imported only when asked for
+    from prometheus_client import multiprocess
+
+    from .prometheus import Metrics
+
+    worker.observers.add(Metrics(pending=False))  # the API's processes accept the hooks
+    registry = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    prometheus_client.start_http_server(port, registry=registry or prometheus_client.REGISTRY)
 
 
 def _parked_hooks_step(app: Celery, worker: Worker) -> type[bootsteps.StartStopStep]:
@@ -186,6 +206,8 @@ class Worker:
         self.sender = Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = DeadLetters(settings)
+        #: Told what happens to hooks (metrics): see :mod:`.observers`.
+        self.observers = Observers()
         self._markers: redis.Redis | None = None
         self._breakers: SharedBreakers | None = None
         self._parking: Parking | None = None
@@ -239,22 +261,30 @@ class Worker:
         gate, breaker = self._admit(origin)
         if gate is Gate.GONE:
             delivery.last_error = breaker.unavailable(origin)
-            self._give_up(delivery, origin)
+            self._give_up(delivery, origin, "gone")
             return "failed"
         if gate is Gate.WAIT:
             return self._wait(message, delivery, origin, breaker)
+        started = time.monotonic()
         attempt = self.sender.send(delivery)
+        if self.observers:
+            self.observers.attempted(origin, attempt, time.monotonic() - started)
         breaker = self._record(origin, attempt)
         if attempt.delivered:
             self._done(delivery)
+            if self.observers:
+                self.observers.delivered(origin, delivery)
             return "delivered"
         delivery.failed(attempt)
         delay = self.policy.next_delay(delivery.attempts, attempt)
+        reason = "retries_exhausted" if attempt.retryable else "final_answer"
         if breaker.state == "disabled":
             delivery.last_error = breaker.unavailable(origin)
+            reason = "gone"
         elif delay is not None and delay > COUNTDOWN_LIMIT:
             if self._park(origin, delivery.to_message(), time.time() + delay, delivery):
                 return "parked"
+            reason = "broker"
         elif delay is not None:
             # No "after" any more: the pre hook was done, or waited for long enough.
             again = delivery.to_message()
@@ -269,7 +299,8 @@ class Worker:
                 raise
             except Exception as e:  # the broker is gone: keep the hook all the same
                 delivery.last_error = f"{attempt.error}; could not queue the retry: {e}"[:300]
-        self._give_up(delivery, origin)
+                reason = "broker"
+        self._give_up(delivery, origin, reason)
         return "failed"
 
     def _admit(self, origin: str) -> tuple[Gate, Breaker]:
@@ -284,10 +315,13 @@ class Worker:
     def _record(self, origin: str, attempt: Attempt) -> Breaker:
         """Count *attempt* on the shared breaker (see :meth:`SharedBreakers.settle`)."""
         try:
-            return self.breakers.settle(origin, attempt, self.parking)
+            transition, breaker = self.breakers.settle(origin, attempt, self.parking)
         except redis.RedisError:
             logger.warning("could not update the breaker of %s", origin, exc_info=True)
             return Breaker(self.settings.breaker_threshold)
+        if transition is not None and self.observers:
+            self.observers.state_changed(origin, breaker.state)
+        return breaker
 
     def _wait(
         self, message: dict[str, Any], delivery: Delivery, origin: str, breaker: Breaker
@@ -305,9 +339,11 @@ class Worker:
             ):
                 self._note_waiting(origin, delivery.id)
                 return "parked"
+            reason = "broker"
         else:
             delivery.last_error = breaker.unavailable(origin)
-        self._give_up(delivery, origin)
+            reason = "retries_exhausted"
+        self._give_up(delivery, origin, reason)
         return "failed"
 
     def _park(self, origin: str, message: dict[str, Any], due: float, delivery: Delivery) -> bool:
@@ -387,10 +423,14 @@ class Worker:
         except redis.RedisError:
             logger.warning("could not mark pre hook %s as done", delivery.id, exc_info=True)
 
-    def _give_up(self, delivery: Delivery, origin: str) -> None:
+    def _give_up(self, delivery: Delivery, origin: str, reason: str) -> None:
+        delivery.reason = reason
         self.dead_letters.keep([delivery])
         self._count(origin, "failed")
         self._done(delivery)
+        if self.observers:
+            delivery.redact(self.settings.redact)
+            self.observers.given_up(origin, delivery, delivery.to_record())
 
 
 def message_summary(message: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from .celery import (
 from .delivery import Delivery, Sender
 from .endpoints import Breaker, Gate, probe_lease
 from .endpoints_redis import Parking, SharedBreakers
+from .observers import Observers
 from .policy import STAT_NAMES, DeadLetters, RetryPolicy
 
 __all__ = ["CeleryDispatcher"]
@@ -65,6 +66,8 @@ class CeleryDispatcher:
         self.sender = Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = DeadLetters(settings)
+        #: Told what happens to hooks (metrics, ``on_give_up``): see :mod:`.observers`.
+        self.observers = Observers()
         self._given_app = app
         self._reset()
         # A forked child (gunicorn --preload) must not share the parent's broker
@@ -94,7 +97,7 @@ class CeleryDispatcher:
     def submit(self, delivery: Delivery) -> None:
         """Publish *delivery*; on failure dead-letter it. Never raises; waits at most
         about :data:`PUBLISH_TIMEOUT` twice (connect, answer) for the broker."""
-        self._accept()
+        self._accept(delivery)
         self._hand_over(delivery)
 
     def deliver_now(self, delivery: Delivery) -> bool:
@@ -102,7 +105,7 @@ class CeleryDispatcher:
         retry, if any, for the workers. An endpoint whose shared breaker is open gets no
         attempt: the hook goes to the workers, who park it. Returns whether it was
         delivered."""
-        self._accept()
+        self._accept(delivery)
         origin = endpoint_of(delivery.hook.url)
         breakers = self._breakers()
         unknown: tuple[Gate, Breaker | None] = (Gate.SEND, None)
@@ -112,21 +115,26 @@ class CeleryDispatcher:
             return False
         if gate is Gate.GONE and breaker is not None:
             delivery.last_error = breaker.unavailable(origin)
-            self._give_up(delivery)
+            self._give_up(delivery, "gone")
             return False
+        started = time.monotonic()
         attempt = self.sender.send(delivery)
+        if self.observers:
+            self.observers.attempted(origin, attempt, time.monotonic() - started)
         self._ask(lambda: breakers.settle(origin, attempt, Parking(breakers.client)), None)
         if attempt.delivered:
             with self._cond:
                 self._counters["delivered"] += 1
                 self._release(1)
+            if self.observers:
+                self.observers.delivered(origin, delivery)
             return True
         delivery.failed(attempt)
         delay = self.policy.next_delay(delivery.attempts, attempt)
         if delay is not None:
             self._hand_over(delivery, countdown=delay)
         else:
-            self._give_up(delivery)
+            self._give_up(delivery, "retries_exhausted" if attempt.retryable else "final_answer")
         return False
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -164,10 +172,12 @@ class CeleryDispatcher:
 
     # -- internals --------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _accept(self, delivery: Delivery) -> None:
         with self._cond:
             self._counters["accepted"] += 1
             self._in_flight += 1
+        if self.observers:
+            self.observers.accepted(endpoint_of(delivery.hook.url))
 
     def _release(self, count: int) -> None:
         """Drop *count* deliveries from the in-flight ones. Holds the lock."""
@@ -211,7 +221,7 @@ class CeleryDispatcher:
         except Exception as e:  # the middleware's own failure never reaches the app
             logger.exception("could not publish a hook")
             delivery.last_error = f"could not publish: {type(e).__name__}"
-            self._give_up(delivery)
+            self._give_up(delivery, "broker")
 
     def _publish(self, delivery: Delivery, countdown: float | None = None) -> None:
         """Publish *delivery* for the workers, or give it up; it leaves the in-flight ones."""
@@ -224,8 +234,10 @@ class CeleryDispatcher:
             if not delivery.is_pre and key in self._pres:
                 message["after"] = list(self._pres[key])
             error = "dispatcher closed" if self._closed else None
+            reason = "shutdown"
             if error is None and time.monotonic() < self._down_until:
                 error = "broker unreachable (a publish failed less than a second ago)"
+                reason = "broker"
         if error is None:
             try:
                 self._celery().send_task(
@@ -237,14 +249,16 @@ class CeleryDispatcher:
                 )
             except EncodeError as e:  # this payload's fault, not the broker's
                 error = f"cannot encode the payload: {type(e).__name__}"
+                reason = "final_answer"
             except Exception as e:
                 self._down_until = time.monotonic() + BROKER_DOWN_SECONDS
                 error = f"could not publish to the broker: {describe_error(e, limit=270)}"
+                reason = "broker"
         if error is not None:
             if delivery.last_error is not None:  # a waitForResponse attempt failed first
                 error = f"{delivery.last_error}; {error}"
             delivery.last_error = error
-            self._give_up(delivery)
+            self._give_up(delivery, reason)
             return
         with self._cond:
             self._counters["published"] += 1
@@ -254,14 +268,20 @@ class CeleryDispatcher:
                 if len(self._pres) > self.settings.queue_size:
                     self._pres.popitem(last=False)
             self._release(1)
+        if self.observers:
+            self.observers.published(endpoint_of(delivery.hook.url))
 
-    def _give_up(self, delivery: Delivery) -> None:
-        """Dead-letter (else count as lost) an accepted delivery."""
+    def _give_up(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter (else count as lost) an accepted delivery, given up for *reason*."""
+        delivery.reason = reason
         kept = self.dead_letters.keep([delivery])
         with self._cond:
             self._counters["failed"] += 1
             self._counters["dead_lettered" if kept else "lost"] += 1
             self._release(1)
+        if self.observers:
+            delivery.redact(self.settings.redact)
+            self.observers.given_up(endpoint_of(delivery.hook.url), delivery, delivery.to_record())
 
     def __repr__(self) -> str:
         return f"<CeleryDispatcher {self.stats()}>"

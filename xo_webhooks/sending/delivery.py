@@ -16,6 +16,8 @@ from typing import Any
 
 from .. import signing
 from .._text import describe_error
+from .._trace import HEADERS as TRACE_HEADERS
+from .._trace import attempt_span
 from .._version import __version__
 from ..config import Hook, Settings
 from .formats import serialize
@@ -57,10 +59,12 @@ class Delivery:
     :param build: makes the payload on first use, so that a post hook's payload (and
         the parsing of the response it needs) is built by a delivery thread, not on
         the request path. Then *call_id* and *kind* must be given.
+    :param trace: the W3C trace context of the call that caused the hook
+        (``traceparent``, ``tracestate``), sent with each attempt.
     """
 
     __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
-                 "call_id", "kind", "redacted")  # fmt: skip
+                 "call_id", "kind", "redacted", "trace", "reason")  # fmt: skip
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class Delivery:
         build: Callable[[], dict[str, Any]] | None = None,
         call_id: str | None = None,
         kind: str | None = None,
+        trace: dict[str, str] | None = None,
     ) -> None:
         if payload is None and (build is None or call_id is None or kind is None):
             raise TypeError("a Delivery needs a payload, or build with call_id and kind")
@@ -86,6 +91,8 @@ class Delivery:
         self.redacted = False
         self.call_id = call_id if payload is None else payload.get("callId")
         self.kind = kind if payload is None else payload.get("type")
+        self.trace = trace
+        self.reason: str | None = None  # why it was given up on (see policy.GIVE_UP_REASONS)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -137,7 +144,11 @@ class Delivery:
             secret=configured.secret if configured else settings.secret,
             headers=configured.headers if configured else (),
         )
-        delivery = cls(hook, payload, record.get("id") or None, attempts, record.get("lastError"))
+        trace = record.get("trace")
+        delivery = cls(
+            hook, payload, record.get("id") or None, attempts, record.get("lastError"),
+            trace=_trace_headers(trace),
+        )  # fmt: skip
         delivery.redacted = True  # records and messages are written redacted
         return delivery
 
@@ -156,7 +167,7 @@ class Delivery:
     def to_message(self) -> dict[str, Any]:
         """This delivery as a Celery message carries it: a dead-letter record without
         its ``failedAt`` (no secret, no header values; redact first)."""
-        return {
+        message = {
             "id": self.id,
             "url": self.hook.url,
             "format": self.hook.format,
@@ -164,6 +175,9 @@ class Delivery:
             "attempts": self.attempts,
             "lastError": self.last_error,
         }
+        if self.trace:
+            message["trace"] = self.trace
+        return message
 
     def to_record(self) -> dict[str, Any]:
         """The dead-letter record of this delivery: :meth:`to_message` and the time it
@@ -228,10 +242,21 @@ class Sender:
             body = delivery.prepare(self.settings.redact)
         except Exception as e:  # e.g. a payload nested too deeply to encode
             return Attempt(False, f"cannot encode the payload: {type(e).__name__}")
-        try:
-            status, retry_after = self.transport.post(
-                delivery.hook.url, body, self.headers(delivery, body)
-            )
-        except Exception as e:
-            return judge_failure(e, self.settings.timeout)
-        return judge_answer(status, retry_after)
+        with attempt_span(delivery.trace, delivery.hook.url, delivery.attempts) as span:
+            headers = {**self.headers(delivery, body), **span.headers}
+            try:
+                status, retry_after = self.transport.post(delivery.hook.url, body, headers)
+            except Exception as e:
+                attempt = judge_failure(e, self.settings.timeout)
+            else:
+                attempt = judge_answer(status, retry_after)
+            span.finish(attempt.status, None if attempt.delivered else attempt.error)
+        return attempt
+
+
+def _trace_headers(value: Any) -> dict[str, str] | None:
+    """The trace context of a record or message, if it holds a usable one."""
+    if not isinstance(value, dict):
+        return None
+    found = {k: v for k, v in value.items() if k in TRACE_HEADERS and isinstance(v, str)}
+    return found or None

@@ -22,10 +22,12 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery, Sender
 from .endpoints import Gate, log_transition, probe_lease
 from .lanes import Lane, Lanes
+from .observers import Observers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
 
@@ -98,6 +100,8 @@ class ThreadDispatcher:
         self.sender = sender or Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = dead_letters or DeadLetters(settings)
+        #: Told what happens to hooks (metrics, ``on_give_up``): see :mod:`.observers`.
+        self.observers = Observers()
         self._lease = probe_lease(settings.timeout)
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
@@ -140,8 +144,10 @@ class ThreadDispatcher:
                     self._lanes.put(lane, delivery, time.monotonic())
                     if not self._lanes.saturated(lane):  # else no worker could take it
                         self._cond.notify()
+        if self.observers:
+            self.observers.accepted(lane.origin)
         if refusal is not None:
-            delivery.last_error = refusal
+            delivery.reason, delivery.last_error = refusal
             self._give_up([delivery])
 
     def deliver_now(self, delivery: Delivery) -> bool:
@@ -153,7 +159,7 @@ class ThreadDispatcher:
             lane = self._lanes.of(delivery)
             gate = lane.breaker.admit(time.time(), self._lease)
             if gate is Gate.GONE:
-                refusal: str | None = lane.breaker.unavailable(lane.origin)
+                refusal: Refusal | None = ("gone", lane.breaker.unavailable(lane.origin))
             elif gate is Gate.WAIT:  # it waits in the queue: it needs a place there
                 refusal = self._refusal(lane)
             else:  # the attempt is this thread's: no queue place needed
@@ -163,9 +169,12 @@ class ThreadDispatcher:
                 self._start_workers()  # to probe the endpoint, or give the hook up in time
                 self._lanes.put(lane, delivery, time.monotonic())
                 self._cond.notify()
-                return False
+        if self.observers:
+            self.observers.accepted(lane.origin)
+        if refusal is None and gate is Gate.WAIT:
+            return False
         if refusal is not None:
-            delivery.last_error = refusal
+            delivery.reason, delivery.last_error = refusal
             self._give_up([delivery])
             return False
         try:
@@ -195,6 +204,7 @@ class ThreadDispatcher:
             self._cond.notify_all()
             threads, self._threads = self._threads, []
         for delivery in left:
+            delivery.reason = "shutdown"
             delivery.last_error = delivery.last_error or "still pending at shutdown"
         self._give_up(left)
         for thread in threads:
@@ -219,15 +229,17 @@ class ThreadDispatcher:
 
     # -- internals --------------------------------------------------------------------
 
-    def _refusal(self, lane: Lane) -> str | None:
-        """Why a new hook to *lane* is given up on at once, or ``None``. Holds the lock."""
+    def _refusal(self, lane: Lane) -> Refusal | None:
+        """Why a new hook to *lane* is given up on at once (the reason, the error), or
+        ``None``. Holds the lock."""
         if self._closed:
-            return "dispatcher closed"
+            return "shutdown", "dispatcher closed"
         if lane.breaker.state == "disabled":
-            return lane.breaker.unavailable(lane.origin)
-        return self._lanes.refusal(lane)
+            return "gone", lane.breaker.unavailable(lane.origin)
+        full = self._lanes.refusal(lane)
+        return None if full is None else ("queue_full", full)
 
-    def _count_in(self, delivery: Delivery, lane: Lane, refusal: str | None) -> None:
+    def _count_in(self, delivery: Delivery, lane: Lane, refusal: Refusal | None) -> None:
         """Count an accepted delivery as pending: on its lane, or, refused, apart until
         it is recorded (it holds no place of the bound). Holds the lock."""
         if refusal is None:
@@ -273,11 +285,16 @@ class ThreadDispatcher:
             self.sender.release()
 
     def _attempt(self, delivery: Delivery) -> Attempt:
+        started = time.monotonic()
         try:
-            return self.sender.send(delivery)
+            attempt = self.sender.send(delivery)
         except Exception as e:  # a sender of the caller's: its bug must not stop delivery
             logger.exception("the sender failed on hook %s", delivery.describe())
-            return Attempt(False, f"unexpected error: {type(e).__name__}")
+            attempt = Attempt(False, f"unexpected error: {type(e).__name__}")
+        if self.observers:
+            origin = endpoint_of(delivery.hook.url)
+            self.observers.attempted(origin, attempt, time.monotonic() - started)
+        return attempt
 
     def _next_work(self) -> tuple[Lane, Delivery] | list[Delivery] | None:
         """Wait for a hook to send, or for hooks whose wait has run out (to give up);
@@ -295,7 +312,7 @@ class ThreadDispatcher:
             expired += self._lanes.expired(now) + self._lanes.gone()
             if expired:
                 for lane, delivery in expired:
-                    delivery.last_error = lane.breaker.unavailable(lane.origin)
+                    _unavailable(lane, delivery)
                 return [delivery for _, delivery in expired]
             work = self._lanes.take(time.time(), self._lease)
             if work is not None:
@@ -331,7 +348,7 @@ class ThreadDispatcher:
             else:
                 delay = self.policy.next_delay(delivery.attempts, attempt)
                 if breaker.state == "disabled":
-                    delivery.last_error = breaker.unavailable(lane.origin)
+                    _unavailable(lane, delivery)
                     gone.append(delivery)
                 elif delay is not None and not self._closed:
                     self._start_workers()
@@ -339,8 +356,18 @@ class ThreadDispatcher:
                     heapq.heappush(self._delayed, (due, next(self._seq), delivery))
                     self._cond.notify()
                 else:
+                    delivery.reason = (
+                        "shutdown" if delay is not None
+                        else "retries_exhausted" if attempt.retryable
+                        else "final_answer"
+                    )  # fmt: skip
                     gone.append(delivery)
         log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
+        if self.observers:
+            if transition is not None:
+                self.observers.state_changed(lane.origin, breaker.state)
+            if attempt.delivered:
+                self.observers.delivered(lane.origin, delivery)
         self._give_up(gone)
 
     def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
@@ -359,7 +386,7 @@ class ThreadDispatcher:
                 heapq.heapify(self._delayed)
                 gone += [delivery for _, _, delivery in delayed]
             for delivery in gone:
-                delivery.last_error = lane.breaker.unavailable(lane.origin)
+                _unavailable(lane, delivery)
             return gone
         return []
 
@@ -396,9 +423,25 @@ class ThreadDispatcher:
                 else:
                     self._lanes.count(lane, -1)
                 self._finish(delivery)
+        if self.observers:
+            for delivery in deliveries:
+                delivery.redact(self.settings.redact)  # done already if the store took it
+                origin = endpoint_of(delivery.hook.url)
+                self.observers.given_up(origin, delivery, delivery.to_record())
 
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"
+
+
+#: Why a hook is refused: the reason (see ``policy.GIVE_UP_REASONS``) and the error.
+Refusal = tuple[str, str]
+
+
+def _unavailable(lane: Lane, delivery: Delivery) -> None:
+    """Give *delivery* its endpoint's word for why it cannot go: gone (``410``), or
+    down for longer than the hook's schedule."""
+    delivery.reason = "gone" if lane.breaker.state == "disabled" else "retries_exhausted"
+    delivery.last_error = lane.breaker.unavailable(lane.origin)
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:

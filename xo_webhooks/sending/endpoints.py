@@ -35,6 +35,7 @@ __all__ = [
     "endpoint_of",  # from _urls, where the configuration and the CLI find it too
     "probe_lease",
     "log_transition",
+    "STATES",
     "Breaker",
     "Gate",
     "FIRST_PAUSE",
@@ -43,6 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The states of an endpoint's breaker.
+STATES = ("closed", "open", "half-open", "disabled")
 #: Seconds an endpoint stays open before its first probe, and the most it ever waits.
 FIRST_PAUSE, MAX_PAUSE = 5.0, 300.0
 GONE_STATUS = 410

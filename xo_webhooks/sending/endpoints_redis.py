@@ -110,10 +110,11 @@ class SharedBreakers:
         transition, breaker = self._change(origin, change)
         return transition, breaker, opened_at[0]
 
-    def settle(self, origin: str, attempt: Attempt, parking: Parking) -> Breaker:
+    def settle(self, origin: str, attempt: Attempt, parking: Parking) -> tuple[str | None, Breaker]:
         """Everything an attempt's result changes for *origin*: its breaker and counters;
         when it is back, or gone, its parked hooks made due now (to flow, or to be given
-        up on at once); and one log line per transition. Returns the breaker."""
+        up on at once); and one log line per transition. Returns the transition, if
+        any, and the breaker."""
         transition, breaker, down_since = self.record(origin, attempt)
         if attempt.delivered:
             self.count(origin, "delivered")
@@ -125,7 +126,7 @@ class SharedBreakers:
         if transition in ("closed", "disabled"):
             parking.release(origin)
         log_transition(origin, breaker, transition, down_since, waited, gone)
-        return breaker
+        return transition, breaker
 
     def count(self, origin: str, field: str) -> None:
         """Add one to *origin*'s ``delivered`` or ``failed`` counter."""

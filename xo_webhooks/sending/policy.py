@@ -45,6 +45,7 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "RETRY_STATUSES",
     "STAT_NAMES",
+    "GIVE_UP_REASONS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,13 @@ RETRY_STATUSES = frozenset({408, 429})
 #: The counters of a dispatcher's ``stats()``: every hook accepted is delivered,
 #: failed (dead-lettered or lost) or still pending.
 STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
+#: Why a hook was given up on (``Delivery.reason``, the metrics' ``reason`` label): its
+#: schedule ran out (retryable failures, or its endpoint down all along), an answer not
+#: worth a retry, the queue (or its endpoint's share) was full, the endpoint answered
+#: ``410 Gone``, the dispatcher was shutting down, the Celery broker could not take it.
+GIVE_UP_REASONS = (
+    "retries_exhausted", "final_answer", "queue_full", "gone", "shutdown", "broker",
+)  # fmt: skip
 #: Seconds between two log lines about hooks given up on, of each kind (kept, lost): a
 #: receiver that is down would otherwise write one line per hook.
 LOG_INTERVAL = 10.0

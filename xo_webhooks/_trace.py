@@ -1,0 +1,110 @@
+"""W3C trace context for hooks: captured on the request thread, carried with each hook
+(through retries, Celery messages and dead-letter records), and sent with each attempt.
+
+With OpenTelemetry's API installed (the ``otel`` extra) and a span active when a hook
+is queued, the context is that span's, written by OpenTelemetry's propagator, and each
+attempt is a client span under it whose own context goes out in the headers. Without
+it, the incoming request's ``traceparent`` and ``tracestate`` headers are forwarded as
+they are. OpenTelemetry is imported on first use, and only if it is installed.
+
+Shared by the request path (:func:`capture`) and sending (:func:`attempt_span`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+__all__ = ["capture", "attempt_span", "AttemptSpan", "HEADERS"]
+
+#: The W3C Trace Context headers carried with a hook.
+HEADERS = ("traceparent", "tracestate")
+
+
+@functools.lru_cache(maxsize=1)
+def _opentelemetry() -> Any:
+    """OpenTelemetry's ``trace`` and ``propagate`` modules, or ``None`` without it."""
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        return None
+    return trace, propagate
+
+
+def capture(environ: Mapping[str, Any] | None = None) -> dict[str, str] | None:
+    """The trace context to carry with the hooks queued now: the active OpenTelemetry
+    span's, else the ``traceparent``/``tracestate`` of the request in *environ*;
+    ``None`` when there is neither."""
+    otel = _opentelemetry()
+    if otel is not None:
+        trace, propagate = otel
+        if trace.get_current_span().get_span_context().is_valid:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            found = {name: carrier[name] for name in HEADERS if name in carrier}
+            if found:
+                return found
+    if environ is None:
+        return None
+    parent = environ.get("HTTP_TRACEPARENT")
+    if not isinstance(parent, str) or not parent:
+        return None
+    context = {"traceparent": parent}
+    state = environ.get("HTTP_TRACESTATE")
+    if isinstance(state, str) and state:
+        context["tracestate"] = state
+    return context
+
+
+class AttemptSpan:
+    """One attempt's trace: the headers to send, and where its outcome is noted."""
+
+    def __init__(self, headers: dict[str, str], span: Any = None) -> None:
+        self.headers = headers
+        self._span = span
+
+    def finish(self, status: int | None, error: str | None) -> None:
+        """Note the answer's status, or the error that replaced it, on the span."""
+        if self._span is None:
+            return
+        if status is not None:
+            self._span.set_attribute("http.response.status_code", status)
+        if error is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            self._span.set_status(Status(StatusCode.ERROR, error))
+
+
+@contextlib.contextmanager
+def attempt_span(
+    context: Mapping[str, str] | None, url: str, attempt: int
+) -> Iterator[AttemptSpan]:
+    """The trace of one attempt of a hook that carries *context*: with OpenTelemetry, a
+    client span ``POST`` under it (with the endpoint, never the path or query, which
+    may hold a token); else the carried headers as they are."""
+    if not context:
+        yield AttemptSpan({})
+        return
+    otel = _opentelemetry()
+    if otel is None:
+        yield AttemptSpan(dict(context))
+        return
+    trace, propagate = otel
+    parts = urllib.parse.urlsplit(url)
+    attributes = {
+        "http.request.method": "POST",
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+        "http.request.resend_count": max(0, attempt - 1),
+    }
+    tracer = trace.get_tracer("xo_webhooks")
+    parent = propagate.extract(dict(context))
+    with tracer.start_as_current_span(
+        "POST", context=parent, kind=trace.SpanKind.CLIENT, attributes=attributes
+    ) as span:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        yield AttemptSpan({k: v for k, v in headers.items() if k in HEADERS}, span)
