@@ -28,12 +28,13 @@ import celery_publish  # noqa: E402
 import isolation  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
+import observability  # noqa: E402
 import receivers  # noqa: E402
 import request_path  # noqa: E402
 import throughput  # noqa: E402
 from common import Row, render_table  # noqa: E402
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C", "9")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -161,6 +162,16 @@ def main(argv: list[str]) -> int:
             print("C skipped: redis-server is not installed (apt-get install redis-server)")
         else:
             step("C celery publish cost", celery_publish.run, args.rounds)
+    if "9" in only:  # last: it sets OpenTelemetry's global tracer provider, for good
+        if observability.missing():
+            print(f"9 skipped: {', '.join(observability.missing())} not installed "
+                  "(pip install -e '.[test]')")  # fmt: skip
+        else:
+            with receivers.any_fast_receiver(args.receiver) as (url, receiver):
+                print(f"receiver for 9: {receiver} at {url}", flush=True)
+                step("9 observability cost per hook", observability.run, url,
+                     args.request_rounds, args.round_seconds, args.rounds * 3,
+                     args.hooks // args.rounds // 2, receiver)  # fmt: skip
     rows = [r for r in rows if r.scenario in only or r.scenario.startswith("C")]
 
     info["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -34,6 +34,13 @@ def _opentelemetry() -> Any:
     return trace, propagate
 
 
+@functools.lru_cache(maxsize=1)
+def _tracer() -> Any:
+    """This package's tracer (building one per attempt costs more than the span)."""
+    trace, _ = _opentelemetry()
+    return trace.get_tracer("xo_webhooks")
+
+
 def capture(environ: Mapping[str, Any] | None = None) -> dict[str, str] | None:
     """The trace context to carry with the hooks queued now: the active OpenTelemetry
     span's, else the ``traceparent``/``tracestate`` of the request in *environ*;
@@ -100,7 +107,7 @@ def attempt_span(
         "server.port": parts.port or (443 if parts.scheme == "https" else 80),
         "http.request.resend_count": max(0, attempt - 1),
     }
-    tracer = trace.get_tracer("xo_webhooks")
+    tracer = _tracer()
     parent = propagate.extract(dict(context))
     with tracer.start_as_current_span(
         "POST", context=parent, kind=trace.SpanKind.CLIENT, attributes=attributes

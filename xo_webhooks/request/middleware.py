@@ -91,7 +91,8 @@ class WebhookMiddleware:
         ``REMOTE_USER``. The app may also set ``environ["xo_webhooks.user"]`` during a
         call, and the post hook uses it.
     :param dispatcher: what delivers the hooks; by default a :class:`ThreadDispatcher`
-        (or the Celery one with ``XO_WEBHOOKS_DISPATCHER=celery``).
+        (or the Celery one with ``XO_WEBHOOKS_DISPATCHER=celery``, or
+        ``dispatcher="celery"``: a string is that setting).
     :param on_give_up: ``f(record)``, called from a delivery thread with the redacted
         dead-letter record of each hook given up on, once the store was written (also
         when there is none, or it failed); for alerting, or a store of your own. If it
@@ -115,12 +116,14 @@ class WebhookMiddleware:
         hooks: Iterable[Mapping[str, Any]] | None = None,
         *,
         user_resolver: UserResolver | None = None,
-        dispatcher: Dispatcher | None = None,
+        dispatcher: Dispatcher | str | None = None,
         on_give_up: Callable[[dict[str, Any]], object] | None = None,
         environ: Mapping[str, str] | None = None,
         **settings: Any,
     ) -> None:
         self.app = app
+        if isinstance(dispatcher, str):  # the setting (thread or celery), not an object
+            settings["dispatcher"], dispatcher = dispatcher, None
         self.settings: Settings = load_settings(
             None if hooks is None else list(hooks), environ, **settings
         )

@@ -146,14 +146,18 @@ def _export_metrics(worker: Worker, port: int) -> None:
     import prometheus_client  # the prometheus extra, imported only when asked for
     from prometheus_client import multiprocess
 
-    from .prometheus import Metrics
+    from .prometheus import Metrics, SharedStates
 
-    worker.observers.add(Metrics(pending=False))  # the API's processes accept the hooks
-    registry = None
+    # Pending hooks are the API processes' (they accept them); states are read from
+    # the shared breakers at each scrape.
+    worker.observers.add(Metrics(pending=False, states=False))
+    registry = prometheus_client.REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    prometheus_client.start_http_server(port, registry=registry or prometheus_client.REGISTRY)
+    origins = list(dict.fromkeys(endpoint_of(hook.url) for hook in worker.settings.hooks))
+    registry.register(SharedStates(worker.breakers, origins))
+    prometheus_client.start_http_server(port, registry=registry)
 
 
 def _parked_hooks_step(app: Celery, worker: Worker) -> type[bootsteps.StartStopStep]:

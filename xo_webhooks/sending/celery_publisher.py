@@ -121,7 +121,11 @@ class CeleryDispatcher:
         attempt = self.sender.send(delivery)
         if self.observers:
             self.observers.attempted(origin, attempt, time.monotonic() - started)
-        self._ask(lambda: breakers.settle(origin, attempt, Parking(breakers.client)), None)
+        settled = self._ask(
+            lambda: breakers.settle(origin, attempt, Parking(breakers.client)), None
+        )
+        if settled is not None and settled[0] is not None and self.observers:
+            self.observers.state_changed(origin, settled[1].state)
         if attempt.delivered:
             with self._cond:
                 self._counters["delivered"] += 1

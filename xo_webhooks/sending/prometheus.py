@@ -15,19 +15,27 @@ export the same metrics with ``XO_WEBHOOKS_METRICS_PORT`` (see the README).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from .endpoints import STATES
 from .policy import Attempt
 
 if TYPE_CHECKING:
     from .delivery import Delivery
+    from .endpoints_redis import SharedBreakers
 
-__all__ = ["Metrics", "outcome_of"]
+__all__ = ["Metrics", "SharedStates", "outcome_of"]
 
+logger = logging.getLogger(__name__)
+
+STATE_METRIC = "xo_webhooks_endpoint_state"
+STATE_HELP = "1 for the state each endpoint's breaker is in (summed over processes)."
 #: Seconds: attempts take up to the timeout (10 s by default).
 ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 #: Seconds from the call to the delivery: a retry schedule spans more than a day.
@@ -56,11 +64,21 @@ class Metrics:
     :param registry: where to register them (prometheus_client's default one).
     :param pending: keep the ``pending`` gauge (not in Celery workers, where hooks are
         accepted by the API's processes).
+    :param states: keep the endpoint state gauge (not in Celery workers, where it is
+        read from the shared breakers at each scrape: :class:`SharedStates`).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, pending: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        pending: bool = True,
+        states: bool = True,
+    ) -> None:
         registry = REGISTRY if registry is None else registry
         self.track_pending = pending
+        self.track_states = states
+        self._on_accept: dict[str, tuple[Any, Any]] = {}
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, ["endpoint", *labels], registry=registry)
@@ -90,18 +108,27 @@ class Metrics:
             "xo_webhooks_hooks_pending", "Hooks accepted, not yet delivered or given up.",
             ["endpoint"], registry=registry, multiprocess_mode="livesum",
         )  # fmt: skip
-        self.state = Gauge(
-            "xo_webhooks_endpoint_state",
-            "1 for the state each endpoint's breaker is in (summed over processes).",
-            ["endpoint", "state"], registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
+        if states:
+            self.state = Gauge(
+                STATE_METRIC, STATE_HELP, ["endpoint", "state"], registry=registry,
+                multiprocess_mode="livesum",
+            )  # fmt: skip
 
     # -- the observer's events (see xo_webhooks.sending.observers) --------------------
 
     def accepted(self, origin: str) -> None:
-        self.accepted_total.labels(origin).inc()
-        if self.track_pending:
-            self.pending.labels(origin).inc()
+        # On the request thread: the two children are looked up once per endpoint, not
+        # through labels() (a lock and a tuple) every time.
+        children = self._on_accept.get(origin)
+        if children is None:
+            children = self._on_accept[origin] = (
+                self.accepted_total.labels(origin),
+                self.pending.labels(origin) if self.track_pending else None,
+            )
+        accepted, pending = children
+        accepted.inc()
+        if pending is not None:
+            pending.inc()
 
     def published(self, origin: str) -> None:
         self.published_total.labels(origin).inc()
@@ -126,8 +153,36 @@ class Metrics:
             self.pending.labels(origin).dec()
 
     def state_changed(self, origin: str, state: str) -> None:
+        if not self.track_states:
+            return
         for each in STATES:
             self.state.labels(origin, each).set(1 if each == state else 0)
+
+
+class SharedStates:
+    """A collector of the endpoint state gauge from the breakers that Celery workers
+    share in Redis, read at each scrape: every worker then reports the same, current
+    state, whichever process saw the last transition.
+
+    :param breakers: the shared breakers.
+    :param origins: the endpoints to report (the configured ones).
+    """
+
+    def __init__(self, breakers: SharedBreakers, origins: list[str]) -> None:
+        self.breakers = breakers
+        self.origins = origins
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(STATE_METRIC, STATE_HELP, labels=["endpoint", "state"])
+        for origin in self.origins:
+            try:
+                state = self.breakers.load(origin).state
+            except Exception:  # Redis unreachable: no sample rather than a wrong one
+                logger.warning("could not read the breaker of %s", origin, exc_info=True)
+                continue
+            for each in STATES:
+                family.add_metric([origin, each], 1 if each == state else 0)
+        yield family
 
 
 def _call_time(payload: dict[str, Any]) -> float | None:
