@@ -771,9 +771,9 @@ def test_no_celery_worker_says_open_once_the_shared_breaker_closed(
     processes."""
     from xo_webhooks import load_settings
     from xo_webhooks.request.payload import pre_payload
+    from xo_webhooks.sending import endpoints
     from xo_webhooks.sending.celery import Worker
     from xo_webhooks.sending.delivery import Delivery
-    from xo_webhooks.sending import endpoints
     from xo_webhooks.sending.prometheus import Metrics, SharedStates
 
     monkeypatch.setattr(endpoints, "FIRST_PAUSE", 0.2)
