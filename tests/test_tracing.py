@@ -392,6 +392,7 @@ def test_with_the_api_but_no_sdk_the_incoming_headers_are_forwarded_unchanged(
         SpanKind=SpanKind,
     )
     monkeypatch.setattr(_trace, "_opentelemetry", lambda: (api_only, propagate))
+    monkeypatch.setattr(_trace, "_tracer", api_only.get_tracer)  # it is cached
     incoming = {"traceparent": TRACEPARENT, "tracestate": TRACESTATE}
     hooks = [{"method": "vm.start", "type": "pre/post", "url": webhook_receiver.url}]
     middleware = wrap(flask_app.wsgi_app, hooks=hooks)

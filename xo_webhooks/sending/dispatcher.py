@@ -330,6 +330,8 @@ class ThreadDispatcher:
         or schedule its retry."""
         if not attempt.delivered:
             delivery.failed(attempt)
+        elif self.observers:  # before it is counted: flush() returns after observers
+            self.observers.delivered(lane.origin, delivery)
         with self._cond:
             if by_worker:
                 lane.in_flight -= 1
@@ -363,11 +365,8 @@ class ThreadDispatcher:
                     )  # fmt: skip
                     gone.append(delivery)
         log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
-        if self.observers:
-            if transition is not None:
-                self.observers.state_changed(lane.origin, breaker.state)
-            if attempt.delivered:
-                self.observers.delivered(lane.origin, delivery)
+        if transition is not None and self.observers:
+            self.observers.state_changed(lane.origin, breaker.state)
         self._give_up(gone)
 
     def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
@@ -412,6 +411,11 @@ class ThreadDispatcher:
             self._count_given_up(deliveries, self.dead_letters.keep(deliveries))
 
     def _count_given_up(self, deliveries: list[Delivery], written: bool) -> None:
+        if self.observers:  # before they are counted: flush() returns after observers
+            for delivery in deliveries:
+                delivery.redact(self.settings.redact)  # done already if the store took it
+                origin = endpoint_of(delivery.hook.url)
+                self.observers.given_up(origin, delivery, delivery.to_record())
         with self._cond:
             self._counters["failed"] += len(deliveries)
             self._counters["dead_lettered" if written else "lost"] += len(deliveries)
@@ -423,11 +427,6 @@ class ThreadDispatcher:
                 else:
                     self._lanes.count(lane, -1)
                 self._finish(delivery)
-        if self.observers:
-            for delivery in deliveries:
-                delivery.redact(self.settings.redact)  # done already if the store took it
-                origin = endpoint_of(delivery.hook.url)
-                self.observers.given_up(origin, delivery, delivery.to_record())
 
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"
