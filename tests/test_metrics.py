@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from xo_webhooks.sending.policy import (  # noqa: E402
 
 from .apps import CALL  # noqa: E402
 from .helpers import RedisServer, free_port  # noqa: E402
+from .test_servers import Gunicorn
 from .waiting import wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -477,56 +477,22 @@ def test_an_observer_that_raises_is_logged_once_per_event_and_delivery_goes_on(
 # -- gunicorn: two worker processes, one multiprocess registry ---------------------------
 
 
-class Gunicorn:
-    """gunicorn serving tests.metrics_app with two sync workers on an ephemeral port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        command = [
-            sys.executable, "-m", "gunicorn", "tests.metrics_app:create()",
-            "--config", "python:tests.metrics_app", "--bind", "127.0.0.1:0",
-            "--workers", "2", "--worker-class", "sync", "--graceful-timeout", "20",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
-        )
-        assert self.process.stderr is not None
-        self.log: list[str] = []
-        for line in self.process.stderr:  # ends if gunicorn dies: then we fail below
-            self.log.append(line)
-            found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                self.url = found.group(1)
-                break
-        else:
-            self.process.wait(10)
-            raise AssertionError("gunicorn did not start:\n" + "".join(self.log))
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
-
-    def stop(self) -> int:
-        """A graceful stop (SIGTERM); SIGKILL if that takes too long."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self._reader.join(5)
-
-
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Gunicorn]]:
     started: list[Gunicorn] = []
 
     def start(env: dict[str, str]) -> Gunicorn:
-        started.append(Gunicorn(env))
+        started.append(
+            Gunicorn(
+                env,
+                "--worker-class",
+                "sync",
+                "--graceful-timeout",
+                "20",
+                app="tests.metrics_app:create()",
+                config="python:tests.metrics_app",
+            )  # fmt: skip
+        )
         return started[-1]
 
     yield start

@@ -26,13 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Gunicorn:
-    """A gunicorn process serving tests.server_app on an ephemeral port."""
+    """A gunicorn process with 2 workers on an ephemeral port, serving *app* (by
+    default tests.server_app) with *config*; *args* go on its command line last."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *args: str,
+        app: str = "tests.server_app:app",
+        config: str = "tests/gunicorn_conf.py",
+    ) -> None:
         command = [
-            sys.executable, "-m", "gunicorn", "tests.server_app:app",
-            "--config", "tests/gunicorn_conf.py", "--bind", "127.0.0.1:0",
-            "--workers", "2", "--graceful-timeout", "30", *args,
+            sys.executable, "-m", "gunicorn", app, "--config", config,
+            "--bind", "127.0.0.1:0", "--workers", "2", "--graceful-timeout", "30", *args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
