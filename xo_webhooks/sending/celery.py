@@ -432,9 +432,7 @@ class Worker:
         self.dead_letters.keep([delivery])
         self._count(origin, "failed")
         self._done(delivery)
-        if self.observers:
-            delivery.redact(self.settings.redact)
-            self.observers.given_up(origin, delivery, delivery.to_record())
+        self.observers.gave_up_on(delivery, self.settings.redact)
 
 
 def message_summary(message: dict[str, Any]) -> str:

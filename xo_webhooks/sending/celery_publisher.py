@@ -283,9 +283,7 @@ class CeleryDispatcher:
             self._counters["failed"] += 1
             self._counters["dead_lettered" if kept else "lost"] += 1
             self._release(1)
-        if self.observers:
-            delivery.redact(self.settings.redact)
-            self.observers.given_up(endpoint_of(delivery.hook.url), delivery, delivery.to_record())
+        self.observers.gave_up_on(delivery, self.settings.redact)
 
     def __repr__(self) -> str:
         return f"<CeleryDispatcher {self.stats()}>"

@@ -411,11 +411,8 @@ class ThreadDispatcher:
             self._count_given_up(deliveries, self.dead_letters.keep(deliveries))
 
     def _count_given_up(self, deliveries: list[Delivery], written: bool) -> None:
-        if self.observers:  # before they are counted: flush() returns after observers
-            for delivery in deliveries:
-                delivery.redact(self.settings.redact)  # done already if the store took it
-                origin = endpoint_of(delivery.hook.url)
-                self.observers.given_up(origin, delivery, delivery.to_record())
+        for delivery in deliveries:  # before they are counted: flush() returns after them
+            self.observers.gave_up_on(delivery, self.settings.redact)
         with self._cond:
             self._counters["failed"] += len(deliveries)
             self._counters["dead_lettered" if written else "lost"] += len(deliveries)

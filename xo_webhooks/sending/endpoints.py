@@ -152,6 +152,20 @@ class Breaker:
             f"(last error: {self.last_error})"
         )
 
+    def stats(self, pending: int, delivered: int, failed: int) -> dict[str, Any]:
+        """What ``endpoint_stats()`` shows of the endpoint: this breaker, and the
+        counters its dispatcher keeps beside it."""
+        return {
+            "state": self.state,
+            "pending": pending,
+            "delivered": delivered,
+            "failed": failed,
+            "consecutive_failures": self.failures,
+            "last_error": self.last_error,
+            "last_success": self.last_success,
+            "opened_at": self.opened_at,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """Every field, for a store shared by processes."""
         return dataclasses.asdict(self)

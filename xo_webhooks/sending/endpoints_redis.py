@@ -173,16 +173,9 @@ class SharedBreakers:
         breaker = self.load(origin)
         counts = {_text(k): v for k, v in self.client.hgetall(_counts_key(origin)).items()}
         last_success = counts.get("last_success")
-        return {
-            "state": breaker.state,
-            "pending": pending,
-            "delivered": int(counts.get("delivered", 0)),
-            "failed": int(counts.get("failed", 0)),
-            "consecutive_failures": breaker.failures,
-            "last_error": breaker.last_error,
-            "last_success": float(last_success) if last_success else None,
-            "opened_at": breaker.opened_at,
-        }
+        breaker.last_success = float(last_success) if last_success else None  # kept apart
+        delivered, failed = int(counts.get("delivered", 0)), int(counts.get("failed", 0))
+        return breaker.stats(pending, delivered, failed)
 
 
 # Claim up to ARGV[3] due hooks: from the parked set (due by ARGV[1]) and from claims

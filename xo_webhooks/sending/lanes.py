@@ -47,17 +47,7 @@ class Lane:
 
     def stats(self) -> dict[str, Any]:
         """What ``endpoint_stats()`` shows of this endpoint."""
-        breaker = self.breaker
-        return {
-            "state": breaker.state,
-            "pending": self.pending,
-            "delivered": self.delivered,
-            "failed": self.failed,
-            "consecutive_failures": breaker.failures,
-            "last_error": breaker.last_error,
-            "last_success": breaker.last_success,
-            "opened_at": breaker.opened_at,
-        }
+        return self.breaker.stats(self.pending, self.delivered, self.failed)
 
 
 class Lanes:

@@ -9,7 +9,10 @@ observer and event, and never stops delivery.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
+
+from .._urls import endpoint_of
 
 if TYPE_CHECKING:
     from .delivery import Delivery
@@ -77,6 +80,13 @@ class Observers:
     def given_up(self, origin: str, delivery: Delivery, record: dict) -> None:
         for observer in self._observers:
             self._tell(observer, "given_up", origin, delivery, record)
+
+    def gave_up_on(self, delivery: Delivery, redact_words: Iterable[str]) -> None:
+        """:meth:`given_up`, with *delivery*'s endpoint and its redacted dead-letter
+        record (redacted already if the store took it)."""
+        if self._observers:
+            delivery.redact(redact_words)
+            self.given_up(endpoint_of(delivery.hook.url), delivery, delivery.to_record())
 
     def state_changed(self, origin: str, state: str) -> None:
         for observer in self._observers:
