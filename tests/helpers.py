@@ -58,10 +58,16 @@ class RecordingDispatcher:
 
 
 def assert_ledger(stats: dict[str, Any]) -> None:
-    """The ``stats()`` ledger balances: every hook accepted is delivered, failed,
+    """The ``stats()`` ledger balances: every hook accepted (or resumed from the spool)
+    is delivered, failed, handed to the spool (to wait, or left there at shutdown),
     pending, or (Celery) published; every failed one dead-lettered or lost."""
-    assert stats["accepted"] == (
-        stats["delivered"] + stats.get("published", 0) + stats["failed"] + stats["pending"]
+    assert stats["accepted"] + stats.get("resumed", 0) == (
+        stats["delivered"]
+        + stats.get("published", 0)
+        + stats["failed"]
+        + stats["pending"]
+        + stats.get("spooled", 0)
+        + stats.get("left", 0)
     ), stats
     assert stats["failed"] == stats["dead_lettered"] + stats["lost"], stats
 

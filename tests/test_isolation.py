@@ -214,6 +214,7 @@ def test_a_hung_endpoints_backlog_never_refuses_another_endpoints_hooks(
     assert stats == {
         "accepted": 120, "delivered": 20, "retried": 0, "failed": 75,
         "dead_lettered": 75, "lost": 0, "pending": 25,
+        "spooled": 0, "left": 0, "resumed": 0, "spool_errors": 0,
     }  # fmt: skip
     records = {r["payload"]["callId"]: r for r in dead_letters(dead_file)}
     assert sorted(records) == sorted(f"hung{n}" for n in range(25, 100))  # the first 25 stay
@@ -469,6 +470,7 @@ def test_a_hung_endpoint_through_the_middleware(hung, webhook_receiver, serve, w
     assert by_endpoint[endpoint_of(webhook_receiver.url)] | {"last_success": None} == {
         "state": "closed", "pending": 0, "delivered": 10, "failed": 0,
         "consecutive_failures": 0, "last_error": None, "last_success": None, "opened_at": None,
+        "spool": "memory",
     }  # fmt: skip
     assert_ledger(middleware.stats())
     # End the attempts in flight at once, and what waits for a retry: the wrap fixture's

@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "dispatcher": "thread",
     "brokerUrl": None,
     "metricsPort": None,
+    "spool": None,
 }
 #: Seconds before each retry by default (5s,5m,30m,2h,5h,10h,10h): 27 h 35 min, as
 #: the Standard Webhooks spec asks for a schedule spanning more than a day.
@@ -142,6 +143,7 @@ class Settings:
     dispatcher: str = "thread"
     broker_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
+    spool: str | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoint_concurrency:
@@ -275,6 +277,10 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
             reason = getattr(e, "strerror", None) or e
             where = sources["caBundle"]
             raise ConfigError(f"{where}: cannot load the CA bundle: {reason}") from None
+    if document.get("spool"):
+        problem = _spool_problem(document["spool"])
+        if problem:
+            raise ConfigError(f"{sources['spool']}: cannot keep the spool there: {problem}")
     secrets = [("secret", document.get("secret"))]
     secrets += [
         (f"{sources['hooks']}[{i}].secret", hook.get("secret"))
@@ -287,6 +293,21 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
             parse_secret(secret)
         except ValueError as e:
             raise ConfigError(f"{sources.get(where, where)}: {e}") from None
+
+
+def _spool_problem(path: str) -> str | None:
+    """Why *path* cannot hold a spool (a folder, not writable), or ``None``. The file
+    and its folder need not exist yet; SQLite writes two more files beside it."""
+    if os.path.isdir(path):
+        return "it is a folder"
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return "the file is not readable and writable"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not a writable folder"
+    return None
 
 
 # Headers xo-webhooks writes itself: configured twice, they would make a request that

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,6 +46,8 @@ def _reseed_ids() -> None:
 
 _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
 os.register_at_fork(after_in_child=_reseed_ids)  # a forked worker must not repeat ids
+# A payload is built once, though a delivery thread and the spooler may ask together.
+_build_lock = threading.Lock()
 
 
 class Delivery:
@@ -64,7 +67,7 @@ class Delivery:
     """
 
     __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
-                 "call_id", "kind", "redacted", "trace", "reason")  # fmt: skip
+                 "call_id", "kind", "redacted", "trace", "reason", "created")  # fmt: skip
 
     def __init__(
         self,
@@ -93,13 +96,16 @@ class Delivery:
         self.kind = kind if payload is None else payload.get("type")
         self.trace = trace
         self.reason: str | None = None  # why it was given up on (see policy.GIVE_UP_REASONS)
+        self.created = time.time()  # when it was accepted (a spooled one: first accepted)
 
     @property
     def payload(self) -> dict[str, Any]:
         """The payload, built on first use."""
         if self._payload is None:
-            assert self._build is not None
-            self._payload, self._build = self._build(), None
+            with _build_lock:
+                if self._payload is None:
+                    assert self._build is not None
+                    self._payload, self._build = self._build(), None
         return self._payload
 
     @payload.setter

@@ -5,6 +5,11 @@ their call's pre hook is done), never blocks the caller, retries with backoff wi
 holding a thread, and hands every hook it gives up on to the dead-letter file. Threads
 start lazily in the process that submits, so a server that forks after building the
 app (gunicorn ``--preload``) never inherits them.
+
+With a spool (``XO_WEBHOOKS_SPOOL``, :mod:`.spool`), every hook accepted is also
+written there by the spooler's thread (:mod:`.spooler`), and the hooks that wait (for a
+retry, for an endpoint that is down, for room in memory) wait there, not in memory:
+they outlive the process, and any process sharing the spool may send them.
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery, Sender
-from .endpoints import Gate, log_transition, probe_lease
+from .endpoints import Breaker, Gate, log_transition, probe_lease
 from .lanes import Lane, Lanes
 from .observers import Observers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
+from .spooler import Spooler
 
 __all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 
@@ -67,6 +73,8 @@ def _reset_after_fork(ref: weakref.ref[ThreadDispatcher]) -> None:
     dispatcher = ref()
     if dispatcher is not None:
         dispatcher._reset()
+        if dispatcher._spooler is not None:
+            dispatcher._spooler.after_fork()
         dispatcher.sender.reset()
         dispatcher.dead_letters.reopen()  # its lock may be held
 
@@ -85,6 +93,11 @@ class ThreadDispatcher:
         ``xo-webhooks replay`` collects them with its own).
     :param endpoints: endpoints besides the configured ones that keep a share of the
         queue (``replay`` gives those of its records).
+
+    With ``settings.spool``, hooks that wait are kept in the spool (see the module
+    docstring), and ``stats()`` counts three more moves: ``spooled`` (handed to the
+    spool to wait there), ``left`` (handed to it by ``close()``: the next process sends
+    them) and ``resumed`` (taken from it by this process, whoever spooled them).
     """
 
     def __init__(
@@ -103,6 +116,16 @@ class ThreadDispatcher:
         #: Told what happens to hooks (metrics, ``on_give_up``): see :mod:`.observers`.
         self.observers = Observers()
         self._lease = probe_lease(settings.timeout)
+        self._spooler = None if settings.spool is None else Spooler(
+            settings.spool,
+            self,
+            make_delivery=lambda message: Delivery.from_record(
+                message, settings, int(message.get("attempts") or 0)
+            ),
+            redact=settings.redact,
+            probe_lease=self._lease,
+            per_endpoint=max(32, 4 * settings.endpoint_concurrency),
+        )  # fmt: skip
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
         # the parent process will deliver itself.
@@ -117,6 +140,9 @@ class ThreadDispatcher:
         self._delayed: list[tuple[float, int, Delivery]] = []  # retries, a heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
         self._open_pres: Counter[tuple[Any, str]] = Counter()
+        # Pre hooks handed to the spool, by order key: their call's post hooks to that
+        # URL go there too, where none is sent before its pre hook has left the spool.
+        self._spooled_pres: dict[tuple[Any, str], tuple[str, float]] = {}
         self._seq = itertools.count()
         self._counters: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
@@ -135,8 +161,13 @@ class ThreadDispatcher:
             self._counters["accepted"] += 1
             lane = self._lanes.of(delivery)
             refusal = self._refusal(lane)
-            self._count_in(delivery, lane, refusal)
-            if refusal is None:
+            spooled = self._spools(delivery, lane, refusal)
+            if spooled:
+                refusal = None
+            else:
+                self._count_in(delivery, lane, refusal)
+            if refusal is None and not spooled:
+                self._keep(delivery)
                 key = delivery.order_key
                 if not delivery.is_pre and key in self._open_pres:
                     self._held.setdefault(key, []).append(delivery)
@@ -164,11 +195,17 @@ class ThreadDispatcher:
                 refusal = self._refusal(lane)
             else:  # the attempt is this thread's: no queue place needed
                 refusal = None
-            self._count_in(delivery, lane, refusal)
-            if refusal is None and gate is Gate.WAIT:
+            if gate is Gate.WAIT:
                 self._start_workers()  # to probe the endpoint, or give the hook up in time
-                self._lanes.put(lane, delivery, time.monotonic())
-                self._cond.notify()
+            if gate is Gate.WAIT and self._spools(delivery, lane, refusal):
+                refusal = None
+            else:
+                self._count_in(delivery, lane, refusal)
+                if refusal is None:
+                    self._keep(delivery)
+                if refusal is None and gate is Gate.WAIT:
+                    self._lanes.put(lane, delivery, time.monotonic())
+                    self._cond.notify()
         if self.observers:
             self.observers.accepted(lane.origin)
         if refusal is None and gate is Gate.WAIT:
@@ -186,21 +223,39 @@ class ThreadDispatcher:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending; return whether that happened within *timeout*."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending() == 0, timeout)
+        spooler = self._spooler
+        if spooler is None:
+            with self._idle:
+                return self._idle.wait_for(lambda: self._pending() == 0, timeout)
+        with self._idle:  # and nothing in the spool: its retries are pending too
+            spooler.flushing += 1
+            spooler.poke()
+            try:
+                return self._idle.wait_for(lambda: self._pending() == 0 and spooler.idle(), timeout)
+            finally:
+                spooler.flushing -= 1
 
     def close(self, timeout: float | None = None) -> None:
         """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
         workers, and give up on whatever is still pending. Safe to call twice."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        self.flush(timeout)
+        with self._idle:  # the hooks in memory; those in the spool wait for the next process
+            self._idle.wait_for(lambda: self._pending() == 0, timeout)
         with self._cond:
             self._closed = self._stopping = True
-            left = self._lanes.drain() + [d for _, _, d in self._delayed]
-            left += [d for held in self._held.values() for d in held]
+            now = time.monotonic()
+            waiting = [(d, due - now) for due, _, d in self._delayed]
+            waiting += [(d, 0.0) for d in self._lanes.drain()]
+            waiting += [(d, 0.0) for held in self._held.values() for d in held]
             self._delayed.clear()
             self._held.clear()
+            left = [d for d, _ in waiting]
+            if self._spooling():
+                for delivery, delay in waiting:
+                    self._lanes.count(self._lanes.of(delivery), -1)
+                    self._to_spool(delivery, time.time() + max(0.0, delay))
+                left = []
             self._cond.notify_all()
             threads, self._threads = self._threads, []
         for delivery in left:
@@ -209,23 +264,39 @@ class ThreadDispatcher:
         self._give_up(left)
         for thread in threads:
             thread.join(_left(deadline))
+        if self._spooler is not None:  # after the threads: their last retries go there too
+            self._spooler.close(_left(deadline) + 5)
+            if self._counters["left"]:
+                logger.info(
+                    "%d hook(s) left in the spool %s: the next process that opens it sends them",
+                    self._counters["left"], self._spooler.path,
+                )  # fmt: skip
         self._recorder.close(_left(deadline) + 5)  # kept hooks must reach the file
         atexit.unregister(self.close)
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: ``accepted == delivered + failed + pending`` and
-        ``failed == dead_lettered + lost`` hold at every moment."""
+        """Counters since start: ``accepted + resumed == delivered + failed + spooled +
+        left + pending`` and ``failed == dead_lettered + lost`` hold at every moment
+        (without a spool, ``resumed``, ``spooled`` and ``left`` stay 0);
+        ``spool_errors`` counts the spool's failed transactions."""
         with self._cond:
             counters = {name: self._counters[name] for name in STAT_NAMES}
             counters["pending"] = self._pending()
+        counters["spool_errors"] = 0 if self._spooler is None else self._spooler.errors
         return counters
 
     def endpoint_stats(self) -> dict[str, dict[str, Any]]:
         """For each endpoint: ``state`` (closed, open, half-open, disabled), ``pending``,
         ``delivered``, ``failed``, ``consecutive_failures``, ``last_error``,
-        ``last_success`` and ``opened_at`` (epoch seconds or ``None``)."""
+        ``last_success`` and ``opened_at`` (epoch seconds or ``None``), and where its
+        waiting hooks are kept: ``spool`` (``"spool"``, or ``"memory"`` without a
+        spool or while it fails)."""
+        where = "spool" if self._spooling() else "memory"
         with self._cond:
-            return self._lanes.stats()
+            stats = self._lanes.stats()
+        for endpoint in stats.values():
+            endpoint["spool"] = where
+        return stats
 
     # -- internals --------------------------------------------------------------------
 
@@ -251,6 +322,139 @@ class ThreadDispatcher:
     def _pending(self) -> int:
         return self._lanes.pending + len(self._refused)
 
+    # -- the spool --------------------------------------------------------------------
+
+    def _spooling(self) -> bool:
+        """Whether waiting hooks go to the spool (it is configured and works)."""
+        return self._spooler is not None and self._spooler.healthy
+
+    def _spools(self, delivery: Delivery, lane: Lane, refusal: Refusal | None) -> bool:
+        """Whether a new hook waits in the spool rather than in memory, handing it
+        there if so: its endpoint is down, memory is full, or its call's pre hook to
+        that URL is in the spool. Holds the lock."""
+        if not self._spooling() or (refusal is not None and refusal[0] != "queue_full"):
+            return False
+        key = delivery.order_key
+        waits = (
+            refusal is not None
+            or lane.breaker.state != "closed"
+            or (not delivery.is_pre and key in self._spooled_pres and key not in self._open_pres)
+        )
+        if waits:
+            self._to_spool(delivery, time.time())
+        return waits
+
+    def _keep(self, delivery: Delivery) -> None:
+        """A hook this process holds in memory is written to the spool too (by the
+        spooler's thread: here, an append). Holds the lock."""
+        if self._spooling():
+            assert self._spooler is not None
+            deadline = time.time() + self.policy.remaining(delivery.attempts)
+            self._spooler.keep(delivery, deadline)
+
+    def _to_spool(self, delivery: Delivery, due: float) -> None:
+        """Hand *delivery*, due at *due* (epoch seconds), to the spool: it leaves
+        memory, and is counted ``spooled`` (``left`` once closing). Holds the lock."""
+        assert self._spooler is not None
+        deadline = due + self.policy.remaining(delivery.attempts) + self.settings.timeout
+        self._spooler.release(delivery, due, deadline)
+        self._counters["left" if self._closed else "spooled"] += 1
+        if delivery.is_pre:
+            self._spooled_pres[delivery.order_key] = (delivery.id, time.monotonic())
+
+    def spool_room(self) -> tuple[int, dict[str, int]]:
+        """For the spooler: how many hooks memory can take now, and how many each
+        endpoint holds there already."""
+        with self._cond:
+            if self._closed:
+                return 0, {}
+            return self.settings.queue_size - self._pending(), self._lanes.held()
+
+    def resume(self, due: list[Delivery], expired: list[Delivery]) -> None:
+        """For the spooler: hooks claimed from the spool, to send (*due*) or to give up
+        on (*expired*: their schedule ran out while they waited)."""
+        gone = []
+        with self._cond:
+            self._counters["resumed"] += len(due) + len(expired)
+            now = time.monotonic()
+            for delivery, ran_out in [(d, False) for d in due] + [(d, True) for d in expired]:
+                lane = self._lanes.of(delivery)
+                self._lanes.count(lane, +1)
+                self._note_pre(delivery)
+                if ran_out or lane.breaker.state == "disabled":
+                    delivery.reason = (
+                        "gone" if lane.breaker.state == "disabled" else "retries_exhausted"
+                    )
+                    if lane.breaker.state != "closed" or not delivery.last_error:
+                        delivery.last_error = lane.breaker.unavailable(lane.origin)
+                    gone.append(delivery)
+                elif self._closed:
+                    self._lanes.count(lane, -1)
+                    self._to_spool(delivery, time.time())
+                elif not delivery.is_pre and delivery.order_key in self._open_pres:
+                    self._held.setdefault(delivery.order_key, []).append(delivery)
+                else:
+                    self._lanes.put(lane, delivery, now)
+            self._cond.notify_all()
+        self._give_up(gone)
+
+    def unspool(self, released: list[tuple[Delivery, float]]) -> None:
+        """For the spooler: hooks handed to the spool that could not be written come
+        back to memory, due at their time (epoch seconds)."""
+        shutdown = []
+        with self._cond:
+            self._counters["resumed"] += len(released)
+            mono, epoch = time.monotonic(), time.time()
+            for delivery, due in released:
+                self._lanes.count(self._lanes.of(delivery), +1)
+                if delivery.is_pre:
+                    self._spooled_pres.pop(delivery.order_key, None)
+                    self._note_pre(delivery)
+                if self._closed:
+                    delivery.reason = "shutdown"
+                    delivery.last_error = delivery.last_error or "the spool failed at shutdown"
+                    shutdown.append(delivery)
+                else:
+                    due_at = mono + max(0.0, due - epoch)
+                    heapq.heappush(self._delayed, (due_at, next(self._seq), delivery))
+            self._cond.notify_all()
+        self._give_up(shutdown)
+
+    def adopt(self, origin: str, fields: dict[str, Any]) -> None:
+        """For the spooler: another process saved this state of *origin*'s breaker
+        (its probe failed or succeeded, it saw the endpoint go down or gone)."""
+        with self._cond:
+            lane = self._lanes.lane(origin)
+            before = lane.breaker.state
+            lane.breaker = Breaker.from_dict(self.settings.breaker_threshold, fields)
+            after = lane.breaker.state
+            transition = None
+            if after in ("closed", "disabled") and after != before:
+                transition = "closed" if after == "closed" else "disabled"
+            elif before == "closed" and after != "closed":
+                transition = "opened"
+            gone = self._transition(lane, transition)
+            self._cond.notify_all()
+        self._give_up(gone)
+
+    def spool_looked(self) -> None:
+        """For the spooler: it wrote or counted; ``flush()`` may be done."""
+        with self._idle:
+            self._idle.notify_all()
+
+    def forget_pres(self, before: float, held: Callable[[list[str]], set[str]]) -> None:
+        """For the spooler: forget the pre hooks handed to the spool before *before*
+        (monotonic) that are no longer there (*held* says which ids are)."""
+        with self._cond:
+            noted = [(k, pre_id) for k, (pre_id, t) in self._spooled_pres.items() if t < before]
+        if not noted:
+            return
+        present = held([pre_id for _, pre_id in noted])
+        with self._cond:
+            for key, pre_id in noted:
+                if pre_id not in present and self._spooled_pres.get(key, ("",))[0] == pre_id:
+                    del self._spooled_pres[key]
+
     def _note_pre(self, delivery: Delivery) -> None:
         """A pre hook is on its way: its call's post hooks to that URL wait for it."""
         if delivery.is_pre:
@@ -259,6 +463,8 @@ class ThreadDispatcher:
     def _start_workers(self) -> None:
         if self._threads or self._closed:
             return
+        if self._spooler is not None:
+            self._spooler.start()
         for n in range(self.settings.max_workers):
             thread = threading.Thread(target=self._work, name=f"xo-webhooks-{n}", daemon=True)
             try:
@@ -352,6 +558,10 @@ class ThreadDispatcher:
                 if breaker.state == "disabled":
                     _unavailable(lane, delivery)
                     gone.append(delivery)
+                elif delay is not None and self._spooling():  # even closing: it waits there
+                    self._lanes.count(lane, -1)
+                    self._to_spool(delivery, time.time() + delay)
+                    self._finish(delivery, spooled=True)
                 elif delay is not None and not self._closed:
                     self._start_workers()
                     due = time.monotonic() + delay
@@ -365,6 +575,8 @@ class ThreadDispatcher:
                     )  # fmt: skip
                     gone.append(delivery)
         log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
+        if transition is not None and self._spooler is not None:
+            self._spooler.save_breaker(lane.origin, breaker.to_dict())
         if transition is not None and self.observers:
             self.observers.state_changed(lane.origin, breaker.state)
         self._give_up(gone)
@@ -372,7 +584,12 @@ class ThreadDispatcher:
     def _transition(self, lane: Lane, transition: str | None) -> list[Delivery]:
         """Act on a breaker's transition; return the hooks it gives up on (a disabled
         endpoint's). Holds the lock."""
-        if transition == "opened":
+        if transition == "opened" and self._spooling():  # its hooks wait in the spool
+            for delivery in self._lanes.drain(lane):
+                self._lanes.count(lane, -1)
+                self._to_spool(delivery, time.time())
+                self._finish(delivery, spooled=True)
+        elif transition == "opened":
             self._lanes.park(lane, time.monotonic())
         elif transition == "closed":
             self._lanes.unpark(lane)
@@ -389,8 +606,12 @@ class ThreadDispatcher:
             return gone
         return []
 
-    def _finish(self, delivery: Delivery) -> None:
-        """A delivery is done (delivered or given up): release posts held for it."""
+    def _finish(self, delivery: Delivery, spooled: bool = False) -> None:
+        """A delivery is done here (delivered, given up, or handed to the spool):
+        forget it in the spool (unless handed there), and release the posts held for
+        it (to the spool, if it or another pre hook of the call went there)."""
+        if self._spooler is not None and not spooled:
+            self._spooler.forget(delivery)
         key = delivery.order_key
         if delivery.is_pre and key in self._open_pres:
             self._open_pres[key] -= 1
@@ -399,7 +620,11 @@ class ThreadDispatcher:
                 held = self._held.pop(key, [])
                 now = time.monotonic()
                 for post in held:
-                    self._lanes.put(self._lanes.of(post), post, now)
+                    if key in self._spooled_pres and self._spooling():
+                        self._lanes.count(self._lanes.of(post), -1)
+                        self._to_spool(post, time.time())
+                    else:
+                        self._lanes.put(self._lanes.of(post), post, now)
                 self._cond.notify(len(held))
         if self._pending() == 0:
             self._idle.notify_all()

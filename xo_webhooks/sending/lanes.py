@@ -89,7 +89,10 @@ class Lanes:
     def of(self, delivery: Delivery) -> Lane:
         """The lane of *delivery*'s endpoint (a new one, with no share, for an endpoint
         that was not given: it only borrows free places)."""
-        origin = endpoint_of(delivery.hook.url)
+        return self.lane(endpoint_of(delivery.hook.url))
+
+    def lane(self, origin: str) -> Lane:
+        """The lane of endpoint *origin* (see :meth:`of`)."""
         lane = self._lanes.get(origin)
         return lane if lane is not None else self._add_lane(origin, 0)
 
@@ -210,6 +213,10 @@ class Lanes:
             if lane.waiting and lane.breaker.state in ("open", "half-open"):
                 times.append(lane.breaker.next_probe() - now_epoch)
         return max(0.0, min(times)) if times else None
+
+    def held(self) -> dict[str, int]:
+        """The hooks each endpoint holds in memory (its pending ones)."""
+        return {lane.origin: lane.pending for lane in self._order if lane.pending}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """``endpoint_stats()``: each endpoint's :meth:`Lane.stats`."""

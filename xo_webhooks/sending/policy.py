@@ -58,9 +58,13 @@ JITTER = 0.8
 #: Requests. Every other non-2xx answer (3xx included: redirects are never followed) is
 #: final.
 RETRY_STATUSES = frozenset({408, 429})
-#: The counters of a dispatcher's ``stats()``: every hook accepted is delivered,
-#: failed (dead-lettered or lost) or still pending.
-STAT_NAMES = ("accepted", "delivered", "retried", "failed", "dead_lettered", "lost", "pending")
+#: The counters of a dispatcher's ``stats()``: every hook accepted (or resumed from
+#: the spool) is delivered, failed (dead-lettered or lost), handed to the spool (to
+#: wait there, or left there at shutdown), or still pending.
+STAT_NAMES = (
+    "accepted", "delivered", "retried", "failed", "dead_lettered", "lost",
+    "spooled", "left", "resumed", "pending",
+)  # fmt: skip
 #: Why a hook was given up on (``Delivery.reason``, the metrics' ``reason`` label): its
 #: schedule ran out (retryable failures, or its endpoint down all along), an answer not
 #: worth a retry, the queue (or its endpoint's share) was full, the endpoint answered
