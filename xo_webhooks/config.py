@@ -277,6 +277,11 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
             reason = getattr(e, "strerror", None) or e
             where = sources["caBundle"]
             raise ConfigError(f"{where}: cannot load the CA bundle: {reason}") from None
+    if document.get("spool") and document.get("dispatcher") == "celery":
+        raise ConfigError(
+            f"{sources['spool']}: the Celery dispatcher keeps its hooks in the broker; the "
+            "spool is for the thread dispatcher (unset one of them)"
+        )
     if document.get("spool"):
         problem = _spool_problem(document["spool"])
         if problem:
