@@ -14,6 +14,7 @@ import math
 import os
 import re
 import ssl
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,8 +311,12 @@ def _spool_problem(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        return f"{folder} is not a writable folder"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder"
+    try:  # what the process may really do there (a read-only mount, another owner)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"cannot write in {folder}: {e.strerror or e}"
     return None
 
 
