@@ -204,7 +204,7 @@ def busy_port() -> Iterator[int]:
 
 # -- the command itself -------------------------------------------------------------------
 
-COMMANDS = ["serve", "check-config", "test", "validate", "receive", "replay", "demo"]
+COMMANDS = ["serve", "check-config", "test", "validate", "receive", "replay", "spool", "demo"]
 
 
 def test_version():
@@ -467,6 +467,108 @@ def test_replay_of_a_missing_file_fails_in_one_line(tmp_path):
     assert error_line(xo("replay", str(missing)), 1) == (
         f"xo-webhooks: error: cannot replay {missing}: no such file"
     )
+
+
+def test_replay_with_a_spool_hands_what_still_waits_to_the_spool(tmp_path, webhook_receiver):
+    webhook_receiver.respond_with(503)
+    path, spool = tmp_path / "dead.jsonl", tmp_path / "hooks.sqlite3"
+    dead_letters(path, webhook_receiver.url, pre(), post())
+    env = environment(XO_WEBHOOKS_SPOOL=str(spool), XO_WEBHOOKS_RETRY_SCHEDULE="1h")
+    result = xo("replay", str(path), env=env)
+    assert result.returncode == 0, result  # nothing failed for good: it waits
+    assert result.stdout == "read 2, delivered 0, still failing 0, waiting in the spool 2\n"
+    assert len(webhook_receiver.wait_for_attempts(1)) == 1  # the pre: the post waits for it
+    assert not path.exists() or path.read_text() == ""
+    shown = xo("spool", str(spool), env=env)
+    origin = webhook_receiver.url.rstrip("/")
+    # The pre hook waits an hour for its retry; its post is due, and waits for it.
+    assert shown.stdout.splitlines()[1].split()[:5] == [origin, "1", "1", "0", "0s"], shown
+
+
+# -- spool --------------------------------------------------------------------------------
+
+
+def spooled(path: Path, url: str, count: int, due_in: float, state: str = "closed") -> None:
+    """*count* hooks to *url* in the spool at *path*, due in *due_in* seconds, none held,
+    and the endpoint's breaker in *state*."""
+    from xo_webhooks.sending.endpoints import Breaker, endpoint_of
+    from xo_webhooks.sending.spool import Row, Spool
+
+    now = time.time()
+    origin = endpoint_of(url)
+    rows = [
+        Row(f"msg_{n}", origin, url, json.dumps(f"c{n}"), "post",
+            json.dumps({"id": f"msg_{n}", "url": url, "format": "json", "payload": post(),
+                        "attempts": 2, "lastError": "HTTP 503", "created": now - 90}),
+            now + due_in, now + 3600, now - 90, None)
+        for n in range(count)
+    ]  # fmt: skip
+    breaker = Breaker(5, state=state, opened_at=now - 60, probe_at=now + 300)
+    spool = Spool(str(path))
+    try:
+        spool.write(rows, [], [(origin, breaker.to_dict())], "elsewhere/1/x", now)
+    finally:
+        spool.close()
+
+
+def test_spool_shows_each_endpoints_hooks_and_breaker(tmp_path):
+    path = tmp_path / "hooks.sqlite3"
+    spooled(path, "http://127.0.0.1:9/a", 3, due_in=600, state="open")
+    result = xo("spool", str(path))
+    assert result.returncode == 0, result
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["ENDPOINT", "DUE", "WAITING", "LEASED", "OLDEST", "BREAKER"]
+    assert row.split() == ["http://127.0.0.1:9", "0", "3", "0", "1m", "30s", "open"]
+
+
+def test_spool_retry_now_makes_waiting_hooks_due_and_lets_a_probe_go(tmp_path):
+    path = tmp_path / "hooks.sqlite3"
+    spooled(path, "http://127.0.0.1:9/a", 3, due_in=600, state="open")
+    result = xo("spool", str(path), "--retry-now")
+    assert (result.returncode, result.stdout) == (
+        0, "3 waiting hook(s) due now; endpoints that are down get a probe now\n"
+    ), result  # fmt: skip
+    row = xo("spool", str(path)).stdout.splitlines()[1].split()
+    assert row[1:4] == ["3", "0", "0"] and row[-1] == "open"
+
+
+def test_spool_dead_letter_moves_what_is_left(tmp_path):
+    path, dead = tmp_path / "hooks.sqlite3", tmp_path / "dead.jsonl"
+    spooled(path, "http://127.0.0.1:9/a", 2, due_in=0)
+    result = xo(
+        "spool", str(path), "--dead-letter", env=environment(XO_WEBHOOKS_DEAD_LETTER=str(dead))
+    )
+    assert (result.returncode, result.stdout) == (0, f"moved 2 hook(s) to {dead}\n"), result
+    records = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["msg_0", "msg_1"]
+    assert {(r["lastError"], r["attempts"]) for r in records} == {("HTTP 503", 2)}
+    assert all("created" not in r and r["failedAt"] for r in records)
+    assert xo("spool", str(path)).stdout == f"{path}: empty\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "status", "message"),
+    [
+        pytest.param(["{missing}"], {}, 1, "cannot open the spool {missing}: no such file",
+                     id="missing"),
+        pytest.param([], {}, 2, "give the spool's PATH, or set XO_WEBHOOKS_SPOOL", id="no-path"),
+        pytest.param(["{corrupt}"], {}, 1, "cannot read the spool {corrupt}: file is not a database",
+                     id="corrupt"),
+        pytest.param(["{corrupt}", "--dead-letter"], {}, 1,
+                     "--dead-letter needs XO_WEBHOOKS_DEAD_LETTER: where to move the hooks",
+                     id="dead-letter-unset"),
+    ],
+)  # fmt: skip
+def test_spool_errors_are_one_line(tmp_path, args, env, status, message):
+    names = {"missing": tmp_path / "nope.sqlite3", "corrupt": tmp_path / "corrupt.sqlite3"}
+    names["corrupt"].write_bytes(b"not a database" * 100)
+    result = xo("spool", *[a.format(**names) for a in args], env=environment(**env))
+    assert error_line(result, status) == "xo-webhooks: error: " + message.format(**names)
+
+
+def test_spool_rejects_both_actions_at_once(tmp_path):
+    result = xo("spool", str(tmp_path / "x"), "--retry-now", "--dead-letter")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
 # -- serve --------------------------------------------------------------------------------

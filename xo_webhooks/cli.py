@@ -2,9 +2,10 @@
 
 Subcommands: ``serve`` (an app wrapped by the middleware, on werkzeug's server),
 ``check-config``, ``test`` (the plugin's "test" button), ``validate`` (payloads against
-the schema), ``receive`` (the safe receiver), ``replay`` (a dead-letter file) and
-``demo``. Exit status: 0 success, 1 a failed check or an error, 2 a usage error; an
-expected error is one line on stderr, ``xo-webhooks: error: <what and where>``.
+the schema), ``receive`` (the safe receiver), ``replay`` (a dead-letter file),
+``spool`` (what waits in a spool) and ``demo``. Exit status: 0 success, 1 a failed
+check or an error, 2 a usage error; an expected error is one line on stderr,
+``xo-webhooks: error: <what and where>``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from ._text import shorten
@@ -31,6 +32,9 @@ from ._urls import endpoint_of, mask_url
 from ._version import __version__
 from .config import ENV_PREFIX, Settings, load_settings
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .sending.spool import Spool
 
 __all__ = ["main"]
 
@@ -167,6 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
         "those that still fail (exit 1 if any).",
     )
     replay.add_argument("file", metavar="FILE", help="the dead-letter file (JSON Lines)")
+
+    spool = command(
+        "spool",
+        cmd_spool,
+        "Show the hooks waiting in a spool, per endpoint",
+        "For each endpoint: hooks due now, waiting for a later attempt, and leased by a "
+        "running process, the oldest one's age, and the breaker state shared by the "
+        "processes of the spool.",
+    )
+    spool.add_argument(
+        "path", metavar="PATH", nargs="?", help=f"the spool file (default: {ENV_PREFIX}SPOOL)"
+    )
+    action = spool.add_mutually_exclusive_group()
+    action.add_argument(
+        "--retry-now",
+        action="store_true",
+        help="make every waiting hook due now, and probe every endpoint that is down now "
+        "(after a receiver came back)",
+    )
+    action.add_argument(
+        "--dead-letter",
+        action="store_true",
+        help=f"move every hook no running process holds to the dead-letter file "
+        f"({ENV_PREFIX}DEAD_LETTER)",
+    )
 
     command(
         "demo",
@@ -502,8 +531,85 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not type(e).__module__.startswith("redis."):
             raise
         raise CommandError(f"cannot replay {target}: {type(e).__name__}: {e}") from None
-    print(f"read {report.read}, delivered {report.delivered}, still failing {report.failed}")
+    spooled = f", waiting in the spool {report.spooled}" if settings.spool else ""
+    print(
+        f"read {report.read}, delivered {report.delivered}, still failing {report.failed}" + spooled
+    )
     return FAILED if report.failed else 0
+
+
+# -- spool ------------------------------------------------------------------------------
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from .sending.spool import Spool
+
+    settings = load_settings()
+    path = args.path or settings.spool
+    if not path:
+        raise CommandError(f"give the spool's PATH, or set {ENV_PREFIX}SPOOL", USAGE)
+    if not os.path.isfile(path):
+        raise CommandError(f"cannot open the spool {path}: no such file")
+    if args.dead_letter and not settings.dead_letter:
+        raise CommandError(f"--dead-letter needs {ENV_PREFIX}DEAD_LETTER: where to move the hooks")
+    try:
+        spool = Spool(path)
+        try:
+            return _spool_action(spool, args, settings)
+        finally:
+            spool.close()
+    except (sqlite3.Error, OSError) as e:
+        raise CommandError(f"cannot read the spool {path}: {e}") from None
+
+
+def _spool_action(spool: Spool, args: argparse.Namespace, settings: Settings) -> int:
+    now = time.time()
+    if args.retry_now:
+        count = spool.retry_now(now)
+        print(f"{count} waiting hook(s) due now; endpoints that are down get a probe now")
+        return 0
+    if args.dead_letter:
+        from .sending.policy import open_dead_letter
+
+        target = str(settings.dead_letter)  # checked by cmd_spool
+        with spool.taken(now) as messages:
+            records = [
+                {**{k: v for k, v in m.items() if k != "created"}, "failedAt": _utc(now)}
+                for m in messages
+            ]
+            open_dead_letter(target).append(records)
+        left = sum(e.leased for e in spool.summary(now))
+        held = f"; {left} held by running processes stay" if left else ""
+        print(f"moved {len(records)} hook(s) to {mask_url(target)}{held}")
+        return 0
+    rows = [("ENDPOINT", "DUE", "WAITING", "LEASED", "OLDEST", "BREAKER")]
+    rows += [
+        (mask_url(e.endpoint), str(e.due), str(e.waiting), str(e.leased),
+         _age(now - e.oldest) if e.oldest is not None else "-", e.state)
+        for e in spool.summary(now)
+    ]  # fmt: skip
+    if len(rows) == 1:
+        print(f"{spool.path}: empty")
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _age(seconds: float) -> str:
+    """``4000`` -> ``1h 6m``: the two largest units."""
+    seconds = max(0, int(seconds))
+    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"),
+             (seconds % 3600 // 60, "m"), (seconds % 60, "s")]  # fmt: skip
+    shown = [f"{n}{unit}" for n, unit in parts if n][:2]
+    return " ".join(shown) or "0s"
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

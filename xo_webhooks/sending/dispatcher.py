@@ -93,6 +93,8 @@ class ThreadDispatcher:
         ``xo-webhooks replay`` collects them with its own).
     :param endpoints: endpoints besides the configured ones that keep a share of the
         queue (``replay`` gives those of its records).
+    :param resumes: whether it takes hooks from the spool (``replay`` does not: it
+        sends its records and leaves what waits to the app's processes).
 
     With ``settings.spool``, hooks that wait are kept in the spool (see the module
     docstring), and ``stats()`` counts three more moves: ``spooled`` (handed to the
@@ -107,9 +109,11 @@ class ThreadDispatcher:
         sender: Sender | None = None,
         dead_letters: DeadLetters | None = None,
         endpoints: Iterable[str] = (),
+        resumes: bool = True,
     ) -> None:
         self.settings = settings
         self._endpoints = tuple(endpoints)
+        self._resumes = resumes
         self.sender = sender or Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = dead_letters or DeadLetters(settings)
@@ -366,7 +370,7 @@ class ThreadDispatcher:
         """For the spooler: how many hooks memory can take now, and how many each
         endpoint holds there already."""
         with self._cond:
-            if self._closed:
+            if self._closed or not self._resumes:
                 return 0, {}
             return self.settings.queue_size - self._pending(), self._lanes.held()
 

@@ -19,11 +19,13 @@ __all__ = ["ReplayReport", "replay"]
 
 @dataclass(frozen=True)
 class ReplayReport:
-    """How a replay went: records read, delivered, and written back as still failing."""
+    """How a replay went: records read, delivered, written back as still failing, and
+    (with a spool) handed to the spool to wait there for their next attempt."""
 
     read: int
     delivered: int
     failed: int
+    spooled: int = 0
 
 
 #: Seconds: a replay keeps the leading waits of the retry schedule up to this long, so
@@ -41,21 +43,34 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     dead-letters meanwhile are kept apart and never overwritten; what still fails is
     appended back. Each record goes to its URL with the signing secret and headers of
     the configured hook for that URL (else the global secret): neither is ever stored.
+
+    With a spool (``XO_WEBHOOKS_SPOOL``), each record gets its first attempt here (or
+    none, if its endpoint is down for every process of the spool), and a record
+    worth another one waits in the spool with the whole retry schedule, for the app's
+    processes to send: the replay ends at once and takes none of their hooks.
     """
-    schedule = tuple(itertools.takewhile(lambda d: d <= REPLAY_MAX_WAIT, settings.retry_schedule))
-    settings = dataclasses.replace(settings, retry_schedule=schedule)
+    if settings.spool is None:
+        schedule = tuple(
+            itertools.takewhile(lambda d: d <= REPLAY_MAX_WAIT, settings.retry_schedule)
+        )
+        settings = dataclasses.replace(settings, retry_schedule=schedule)
     store = open_dead_letter(target)
     failed: list[dict[str, Any]] = []
     still_failing = DeadLetters(settings, store=_Collector(failed))
     with store.taken() as records:
         origins = {endpoint_of(str(record["url"])) for record in records}
-        dispatcher = ThreadDispatcher(settings, dead_letters=still_failing, endpoints=origins)
+        dispatcher = ThreadDispatcher(
+            settings, dead_letters=still_failing, endpoints=origins, resumes=False
+        )
         for record in records:
             dispatcher.submit(Delivery.from_record(record, settings))
-        dispatcher.flush()
-        dispatcher.close(0)
+        if settings.spool is None:
+            dispatcher.flush()
+        dispatcher.close(None if settings.spool else 0)
         store.append(failed)
-    return ReplayReport(read=len(records), delivered=len(records) - len(failed), failed=len(failed))
+    stats = dispatcher.stats()
+    spooled = stats["spooled"] + stats["left"]
+    return ReplayReport(len(records), len(records) - len(failed) - spooled, len(failed), spooled)
 
 
 class _Collector:
