@@ -126,6 +126,9 @@ class ThreadDispatcher:
             make_delivery=lambda message: Delivery.from_record(
                 message, settings, int(message.get("attempts") or 0)
             ),
+            deadline=lambda start, attempts: (
+                start + self.policy.remaining(attempts) + settings.timeout
+            ),
             redact=settings.redact,
             probe_lease=self._lease,
             per_endpoint=max(32, 4 * settings.endpoint_concurrency),
@@ -353,15 +356,13 @@ class ThreadDispatcher:
         spooler's thread: here, an append). Holds the lock."""
         if self._spooling():
             assert self._spooler is not None
-            deadline = time.time() + self.policy.remaining(delivery.attempts)
-            self._spooler.keep(delivery, deadline)
+            self._spooler.keep(delivery)
 
     def _to_spool(self, delivery: Delivery, due: float) -> None:
         """Hand *delivery*, due at *due* (epoch seconds), to the spool: it leaves
         memory, and is counted ``spooled`` (``left`` once closing). Holds the lock."""
         assert self._spooler is not None
-        deadline = due + self.policy.remaining(delivery.attempts) + self.settings.timeout
-        self._spooler.release(delivery, due, deadline)
+        self._spooler.release(delivery, due)
         self._counters["left" if self._closed else "spooled"] += 1
         if delivery.is_pre:
             self._spooled_pres[delivery.order_key] = (delivery.id, time.monotonic())

@@ -68,14 +68,16 @@ class SpoolClient(Protocol):
 
 
 # An operation queued for the spool: (id, delivery or None to delete, owned, due,
-# deadline, attempts, last error).
-_Op = tuple[str, "Delivery | None", bool, float, float, int, "str | None"]
+# attempts, last error).
+_Op = tuple[str, "Delivery | None", bool, float, int, "str | None"]
 
 
 class Spooler:
     """Writes a dispatcher's hooks to the spool at *path* and claims them back.
 
     :param make_delivery: builds a :class:`Delivery` from a spooled message.
+    :param deadline: when a hook waiting from *start* (epoch seconds) with *attempts*
+        made is given up on: ``deadline(start, attempts)``.
     :param redact: the words to redact from payloads before they are written.
     :param probe_lease: seconds a probe holds its endpoint (see :func:`.endpoints.probe_lease`).
     :param per_endpoint: hooks of one endpoint that a claim brings into memory at most.
@@ -87,6 +89,7 @@ class Spooler:
         client: SpoolClient,
         *,
         make_delivery: Callable[[dict[str, Any]], Delivery],
+        deadline: Callable[[float, int], float],
         redact: tuple[str, ...],
         probe_lease: float,
         per_endpoint: int,
@@ -94,6 +97,7 @@ class Spooler:
         self.path = path
         self._client = client
         self._make_delivery = make_delivery
+        self._deadline = deadline
         self._redact = redact
         self._probe_lease = probe_lease
         self._per_endpoint = per_endpoint
@@ -119,19 +123,19 @@ class Spooler:
 
     # -- from any thread: queue, never block ------------------------------------------
 
-    def keep(self, delivery: Delivery, deadline: float) -> None:
-        """Write *delivery*, held by this process, with its give-up time."""
-        self._ops.append((delivery.id, delivery, True, 0.0, deadline, delivery.attempts,
-                          delivery.last_error))  # fmt: skip
+    def keep(self, delivery: Delivery) -> None:
+        """Write *delivery*, held by this process."""
+        self._ops.append((delivery.id, delivery, True, 0.0, delivery.attempts, delivery.last_error))
 
-    def release(self, delivery: Delivery, due: float, deadline: float) -> None:
+    def release(self, delivery: Delivery, due: float) -> None:
         """Write *delivery* for any process to send at *due* (epoch seconds)."""
-        self._ops.append((delivery.id, delivery, False, due, deadline, delivery.attempts,
-                          delivery.last_error))  # fmt: skip
+        self._ops.append(
+            (delivery.id, delivery, False, due, delivery.attempts, delivery.last_error)
+        )
 
     def forget(self, delivery: Delivery) -> None:
         """*delivery* is done (delivered or given up on): remove it."""
-        self._ops.append((delivery.id, None, False, 0.0, 0.0, 0, None))
+        self._ops.append((delivery.id, None, False, 0.0, 0, None))
 
     def save_breaker(self, origin: str, fields: dict[str, Any]) -> None:
         """Share *origin*'s breaker state with the other processes."""
@@ -290,8 +294,9 @@ class Spooler:
             self._client.unspool(released)
 
     def _row(self, op: _Op, now: float) -> Row | None:
-        hook_id, delivery, owned, due, deadline, attempts, last_error = op
+        hook_id, delivery, owned, due, attempts, last_error = op
         assert delivery is not None
+        due = now if owned else due
         try:
             delivery.redact(self._redact)
             message = {**delivery.to_message(), "attempts": attempts, "lastError": last_error,
@@ -304,7 +309,7 @@ class Spooler:
             return None
         url = delivery.hook.url
         return Row(hook_id, endpoint_of(url), url, json.dumps(delivery.call_id),
-                   str(delivery.kind), text, due if not owned else now, deadline,
+                   str(delivery.kind), text, due, self._deadline(due, attempts),
                    delivery.created, self.owner if owned else None)  # fmt: skip
 
     def _keep_deletes(self, deleted: list[str]) -> None:
