@@ -131,7 +131,7 @@ class ThreadDispatcher:
             ),
             redact=settings.redact,
             probe_lease=self._lease,
-            per_endpoint=max(32, 4 * settings.endpoint_concurrency),
+            per_endpoint=max(64, settings.queue_size // (1 + len(settings.hooks))),
         )  # fmt: skip
         self._reset()
         # Keep a fork from inheriting locks that another thread held, or queued hooks
@@ -339,6 +339,8 @@ class ThreadDispatcher:
         """Whether a new hook waits in the spool rather than in memory, handing it
         there if so: its endpoint is down, memory is full, or its call's pre hook to
         that URL is in the spool. Holds the lock."""
+        if refusal is None and lane.breaker.state == "closed" and not self._spooled_pres:
+            return False  # the common case, on the request path: nothing more to ask
         if not self._spooling() or (refusal is not None and refusal[0] != "queue_full"):
             return False
         key = delivery.order_key
@@ -354,9 +356,9 @@ class ThreadDispatcher:
     def _keep(self, delivery: Delivery) -> None:
         """A hook this process holds in memory is written to the spool too (by the
         spooler's thread: here, an append). Holds the lock."""
-        if self._spooling():
-            assert self._spooler is not None
-            self._spooler.keep(delivery)
+        spooler = self._spooler
+        if spooler is not None and spooler.healthy:
+            spooler.keep(delivery)
 
     def _to_spool(self, delivery: Delivery, due: float) -> None:
         """Hand *delivery*, due at *due* (epoch seconds), to the spool: it leaves
@@ -633,6 +635,8 @@ class ThreadDispatcher:
                 self._cond.notify(len(held))
         if self._pending() == 0:
             self._idle.notify_all()
+            if self._spooler is not None and self._spooler.flushing:
+                self._spooler.poke()  # what is left to see is the spool's
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
         """Have accepted deliveries recorded as failed: by the recorder thread, or here

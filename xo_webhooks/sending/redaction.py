@@ -16,10 +16,16 @@ def redact(value: Any, words: Iterable[str]) -> Any:
     """Return *value* with every value under a key whose name contains one of *words*
     replaced by ``"***"``, at any depth. Case, ``-`` and ``_`` are ignored, so
     ``api_key`` also catches ``X-Api-Key`` and ``apiKey``. *value* is not modified."""
-    words = tuple(sorted({_normalize(w) for w in words}))
-    if not words:
+    normalized = _normalized(tuple(words))
+    if not normalized:
         return value
-    return _redact(value, words)
+    return _redact(value, normalized)
+
+
+@lru_cache(maxsize=64)
+def _normalized(words: tuple[str, ...]) -> tuple[str, ...]:
+    # A process has one list of words, asked for with every hook: worked out once.
+    return tuple(sorted({_normalize(w) for w in words}))
 
 
 def _normalize(name: str) -> str:

@@ -96,10 +96,12 @@ Shared = tuple[str, dict[str, Any], float]
 
 @dataclass(frozen=True)
 class Claimed:
-    """What one claim took: hooks to send, and hooks whose schedule has run out."""
+    """What one claim took: hooks to send, and hooks whose schedule has run out; and
+    whether it stopped at a limit (more may be due)."""
 
     due: list[dict[str, Any]]
     expired: list[dict[str, Any]]
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ class Spool:
                 f"SELECT id, message FROM hooks WHERE deadline <= :now AND {free} LIMIT :room",
                 {"now": now, "room": room},
             ).fetchall()
+            more = len(expired) == room
             room -= len(expired)
             due: list[tuple[str, str]] = []
             for origin, fields, probe_until in db.execute(
@@ -241,14 +244,13 @@ class Spool:
                 gate = _gate(fields, probe_until, now)
                 if gate == "wait" or room <= 0 or limit <= 0:
                     continue
-                if gate == "probe":
-                    limit = 1
+                take = 1 if gate == "probe" else min(limit, room)
                 found = db.execute(
                     f"SELECT id, message FROM hooks h WHERE endpoint = :origin AND due <= :now "
                     f"AND {free} AND NOT (kind = 'post' AND EXISTS (SELECT 1 FROM hooks p "
                     "WHERE p.call = h.call AND p.url = h.url AND p.kind = 'pre')) "
-                    "ORDER BY due LIMIT :limit",
-                    {"origin": origin, "now": now, "limit": min(limit, room)},
+                    "ORDER BY due LIMIT :take",
+                    {"origin": origin, "now": now, "take": take},
                 ).fetchall()
                 if found and gate == "probe":
                     db.execute(
@@ -257,11 +259,12 @@ class Spool:
                     )
                 due += found
                 room -= len(found)
+                more = more or (gate == "send" and len(found) == take)
             db.executemany(
                 "UPDATE hooks SET owner = ?, lease_until = ? WHERE id = ?",
                 [(owner, now + LEASE, row_id) for row_id, _ in expired + due],
             )
-        return Claimed([json.loads(m) for _, m in due], [json.loads(m) for _, m in expired])
+        return Claimed([json.loads(m) for _, m in due], [json.loads(m) for _, m in expired], more)
 
     def breakers(
         self, since: float, owner: str, now: float

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -110,7 +111,8 @@ class Spooler:
         self.rows = 0  #: hooks in the spool, at the last count
         self.flushing = 0  #: flush() calls waiting: count the rows at every cycle
         self._dirty = False  # written since the last count
-        self._ops: deque[_Op] = deque()
+        self._ops: deque[_Op] = deque()  # releases and deletions, in order
+        self._kept: deque[Delivery] = deque()  # hooks held here, to write
         self._breakers: deque[tuple[str, dict[str, Any]]] = deque()
         self._retried_deletes: dict[str, None] = {}
         self._spool: Spool | None = None
@@ -118,14 +120,15 @@ class Spooler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._seen = 0.0  # the newest breaker state of another process adopted
+        self._soonest = math.inf  # when the soonest hook this process spooled is due
         self._next_try = 0.0
         self._lock = threading.Lock()  # start() and close() only
 
     # -- from any thread: queue, never block ------------------------------------------
 
     def keep(self, delivery: Delivery) -> None:
-        """Write *delivery*, held by this process."""
-        self._ops.append((delivery.id, delivery, True, 0.0, delivery.attempts, delivery.last_error))
+        """Write *delivery*, held by this process (the request path's one append)."""
+        self._kept.append(delivery)
 
     def release(self, delivery: Delivery, due: float) -> None:
         """Write *delivery* for any process to send at *due* (epoch seconds)."""
@@ -143,7 +146,8 @@ class Spooler:
 
     def idle(self) -> bool:
         """Nothing left to write, and no hook in the spool at the last count."""
-        return not self._ops and (not self.healthy or (not self._dirty and self.rows == 0))
+        idle = not self._ops and not self._kept
+        return idle and (not self.healthy or (not self._dirty and self.rows == 0))
 
     def poke(self) -> None:
         """Write and look now (a flush is waiting)."""
@@ -183,15 +187,17 @@ class Spooler:
             now = time.monotonic()
             if self._usable(now):
                 self._write()
-                if self.healthy and (now >= next_poll or self.flushing):
+                due_soon = self._soonest <= time.time()
+                if self.healthy and (now >= next_poll or self.flushing or due_soon):
                     if now >= next_renew:
                         self._guard(lambda spool: spool.renew(self.owner, time.time()))
                         next_renew = now + LEASE / 4
+                    more = False
                     if not stopping:
                         self._adopt_breakers()
-                        self._claim()
+                        more = self._claim()
                     self._count()
-                    next_poll = now + POLL_INTERVAL
+                    next_poll = now + (0 if more else POLL_INTERVAL)
             else:
                 self._hand_back()
             self._client.spool_looked()
@@ -254,17 +260,25 @@ class Spooler:
     # -- writing ----------------------------------------------------------------------
 
     def _take_ops(self) -> tuple[dict[str, _Op | None], list[tuple[str, dict[str, Any]]]]:
-        """The queued operations, the last one of each hook winning; a hook written
-        and forgotten in the same batch is left out (``None``: delete it)."""
+        """The queued operations, the last one of each hook winning (``None``: delete
+        it); a hook kept and forgotten in the same batch is left out.
+
+        Releases and deletions are taken before the hooks kept: a hook is kept before
+        anything else happens to it, so its deletion is never in an earlier batch than
+        its keeping, and a keeping that finds its deletion in the batch cancels both.
+        """
         batch: dict[str, _Op | None] = dict(self._retried_deletes)
         self._retried_deletes.clear()
-        self._dirty = self._dirty or bool(self._ops)
+        self._dirty = self._dirty or bool(self._ops) or bool(self._kept)
         while self._ops:
             op = self._ops.popleft()
-            if op[1] is None and batch.get(op[0]) is not None and batch[op[0]][2]:  # type: ignore[index]
-                del batch[op[0]]  # kept, then done: it never needs the disk
-            else:
-                batch[op[0]] = None if op[1] is None else op
+            batch[op[0]] = None if op[1] is None else op
+        while self._kept:
+            delivery = self._kept.popleft()
+            if delivery.id not in batch:
+                batch[delivery.id] = (delivery.id, delivery, True, 0.0, 0, None)
+            elif batch[delivery.id] is None:
+                del batch[delivery.id]  # kept, then done: it never needs the disk
         breakers = {}
         while self._breakers:
             origin, fields = self._breakers.popleft()
@@ -287,6 +301,7 @@ class Spooler:
                 if not op[2]:
                     assert op[1] is not None
                     released.append((op[1], op[3]))
+                    self._soonest = min(self._soonest, op[3])
         if self._guard(lambda spool: spool.write(rows, deleted, breakers, self.owner, now)):
             return
         self._keep_deletes(deleted)
@@ -296,7 +311,8 @@ class Spooler:
     def _row(self, op: _Op, now: float) -> Row | None:
         hook_id, delivery, owned, due, attempts, last_error = op
         assert delivery is not None
-        due = now if owned else due
+        if owned:  # as it is now: a delivery thread may have tried it meanwhile
+            due, attempts, last_error = now, delivery.attempts, delivery.last_error
         try:
             delivery.redact(self._redact)
             message = {**delivery.to_message(), "attempts": attempts, "lastError": last_error,
@@ -330,10 +346,12 @@ class Spooler:
 
     # -- reading ----------------------------------------------------------------------
 
-    def _claim(self) -> None:
+    def _claim(self) -> bool:
+        """Claim what is due (see :meth:`Spool.claim`); return whether more may be."""
+        self._soonest = math.inf
         room, held = self._client.spool_room()
         if room <= 0:
-            return
+            return False
         claimed: list[Claimed] = []
         self._guard(lambda spool: claimed.append(spool.claim(
             self.owner, time.time(), room, self._per_endpoint, held, self._probe_lease
@@ -343,6 +361,7 @@ class Spooler:
                 [self._delivery(m) for m in claimed[0].due],
                 [self._delivery(m) for m in claimed[0].expired],
             )
+        return bool(claimed) and claimed[0].more
 
     def _delivery(self, message: dict[str, Any]) -> Delivery:
         delivery = self._make_delivery(message)
