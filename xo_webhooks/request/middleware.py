@@ -133,12 +133,18 @@ class WebhookMiddleware:
         self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
         self.user_resolver = user_resolver or remote_user
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
+        # Called on the first request: a process that serves calls sends what waits in
+        # the spool even before a call of its own has a hook (never one that only forks).
+        self._first_request: Callable[[], None] | None = getattr(self.dispatcher, "start", None)
         if on_give_up is not None:
             self.observe(_GiveUpCallback(on_give_up))
         if self._enabled:
             capture_trace()  # imports OpenTelemetry, if installed, now and not in a request
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._first_request is not None:
+            start, self._first_request = self._first_request, None
+            start()
         # Cheap checks first: most requests never have their body touched.
         if (
             not self._enabled

@@ -2,14 +2,15 @@
 
 It keeps a bounded set of pending hooks (ready, waiting for a retry, or held until
 their call's pre hook is done), never blocks the caller, retries with backoff without
-holding a thread, and hands every hook it gives up on to the dead-letter file. Threads
-start lazily in the process that submits, so a server that forks after building the
-app (gunicorn ``--preload``) never inherits them.
+holding a thread, and hands every hook it gives up on to the dead-letter file. Without a
+spool, threads start lazily in the process that submits, so a server that forks after
+building the app (gunicorn ``--preload``) never inherits them.
 
 With a spool (``XO_WEBHOOKS_SPOOL``, :mod:`.spool`), every hook accepted is also
 written there by the spooler's thread (:mod:`.spooler`), and the hooks that wait (for a
 retry, for an endpoint that is down, for room in memory) wait there, not in memory:
-they outlive the process, and any process sharing the spool may send them.
+they outlive the process, and any process sharing the spool may send them: one that
+submits, flushes, serves a request through the middleware, or calls :meth:`start`.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ class ThreadDispatcher:
 
     # -- the caller's side ------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the delivery threads (and, with a spool, its claims) in this process,
+        if they are not running: what waits in the spool is sent from then on, before
+        a hook of this process's own. Done by the first :meth:`submit`, :meth:`flush`
+        or request through the middleware; never needed otherwise."""
+        with self._cond:
+            self._start_workers()
+
     def submit(self, delivery: Delivery) -> None:
         """Queue *delivery*; never blocks (beyond a short lock), never raises."""
         with self._cond:
@@ -234,6 +243,7 @@ class ThreadDispatcher:
         if spooler is None:
             with self._idle:
                 return self._idle.wait_for(lambda: self._pending() == 0, timeout)
+        self.start()
         with self._idle:  # and nothing in the spool: its retries are pending too
             spooler.flushing += 1
             spooler.poke()
@@ -392,8 +402,10 @@ class ThreadDispatcher:
                     delivery.reason = (
                         "gone" if lane.breaker.state == "disabled" else "retries_exhausted"
                     )
-                    if lane.breaker.state != "closed" or not delivery.last_error:
+                    if lane.breaker.state != "closed":
                         delivery.last_error = lane.breaker.unavailable(lane.origin)
+                    elif not delivery.last_error:
+                        delivery.last_error = "its retry schedule ran out while it waited"
                     gone.append(delivery)
                 elif self._closed:
                     self._lanes.count(lane, -1)

@@ -246,9 +246,10 @@ class Spool:
                     continue
                 take = 1 if gate == "probe" else min(limit, room)
                 found = db.execute(
-                    f"SELECT id, message FROM hooks h WHERE endpoint = :origin AND due <= :now "
-                    f"AND {free} AND NOT (kind = 'post' AND EXISTS (SELECT 1 FROM hooks p "
-                    "WHERE p.call = h.call AND p.url = h.url AND p.kind = 'pre')) "
+                    "SELECT id, message FROM hooks h WHERE endpoint = :origin AND due <= :now "
+                    f"AND deadline > :now AND {free} AND NOT (kind = 'post' AND EXISTS "
+                    "(SELECT 1 FROM hooks p WHERE p.call = h.call AND p.url = h.url "
+                    "AND p.kind = 'pre')) "
                     "ORDER BY due LIMIT :take",
                     {"origin": origin, "now": now, "take": take},
                 ).fetchall()

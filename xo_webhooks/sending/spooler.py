@@ -68,6 +68,10 @@ class SpoolClient(Protocol):
         """Forget the spooled pre hooks (noted before *before*) that left the spool."""
 
 
+#: Connections a forked child inherited: never used, never closed (SQLite's close
+#: could checkpoint and remove the write-ahead log the parent still writes).
+_INHERITED: list[Spool] = []
+
 # An operation queued for the spool: (id, delivery or None to delete, owned, due,
 # attempts, last error).
 _Op = tuple[str, "Delivery | None", bool, float, int, "str | None"]
@@ -178,6 +182,8 @@ class Spooler:
 
     def after_fork(self) -> None:
         """In a child process: a new owner, no thread, no connection (never share one)."""
+        if self._spool is not None:  # closing it here could delete the parent's WAL file
+            _INHERITED.append(self._spool)
         self._reset()
 
     def _run(self) -> None:
@@ -186,6 +192,7 @@ class Spooler:
             stopping = self._stop.is_set()
             now = time.monotonic()
             if self._usable(now):
+                written_at = time.monotonic()  # what was spooled before is in the file now
                 self._write()
                 due_soon = self._soonest <= time.time()
                 if self.healthy and (now >= next_poll or self.flushing or due_soon):
@@ -196,7 +203,7 @@ class Spooler:
                     if not stopping:
                         self._adopt_breakers()
                         more = self._claim()
-                    self._count()
+                    self._count(written_at)
                     next_poll = now + (0 if more else POLL_INTERVAL)
             else:
                 self._hand_back()
@@ -375,15 +382,14 @@ class Spooler:
             self._client.adopt(origin, fields)
             self._seen = max(self._seen, updated)
 
-    def _count(self) -> None:
-        started = time.monotonic()
+    def _count(self, written_at: float) -> None:
         counted: list[int] = []
         dirty, self._dirty = self._dirty, False
         if self._guard(lambda spool: counted.append(spool.count())):
             self.rows = counted[0]
         else:
             self._dirty = dirty
-        self._client.forget_pres(started, lambda ids: self._holds(ids))
+        self._client.forget_pres(written_at, lambda ids: self._holds(ids))
 
     def _holds(self, ids: list[str]) -> set[str]:
         found: list[set[str]] = []
