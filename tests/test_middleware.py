@@ -445,3 +445,30 @@ def test_method_names_written_with_json_escapes(request_body, method):
         (post,) = dispatcher.payloads("post")
         assert pre["method"] == post["method"] == method
         assert (pre["params"]["n"], post["result"]) == (0, "ok")
+
+
+class StartedDispatcher(RecordingDispatcher):
+    """Records when the middleware starts it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+
+
+def test_the_first_request_starts_the_dispatcher_once():
+    """A process that serves requests sends what waits in the spool before a call of its
+    own has a hook: the first request of any kind starts its dispatcher, once."""
+    dispatcher = StartedDispatcher()
+    middleware = WebhookMiddleware(plain_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    assert dispatcher.starts == 0  # building the app (a gunicorn master) starts nothing
+    for method in ("GET", "POST", "POST"):
+        environ = EnvironBuilder(method=method, json=CALL).get_environ()
+        b"".join(middleware(environ, lambda *a: None))
+    assert dispatcher.starts == 1
+    # A dispatcher of the user's own without start() is called as before.
+    plain = WebhookMiddleware(plain_app, hooks=HOOKS, dispatcher=RecordingDispatcher(), environ={})
+    environ = EnvironBuilder(method="POST", json=CALL).get_environ()
+    assert b"".join(plain(environ, lambda *a: None)) == RESULT

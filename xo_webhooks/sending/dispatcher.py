@@ -163,12 +163,14 @@ class ThreadDispatcher:
     # -- the caller's side ------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the delivery threads (and, with a spool, its claims) in this process,
-        if they are not running: what waits in the spool is sent from then on, before
-        a hook of this process's own. Done by the first :meth:`submit`, :meth:`flush`
-        or request through the middleware; never needed otherwise."""
-        with self._cond:
-            self._start_workers()
+        """With a spool, start the delivery threads and the spool's claims in this
+        process, if they are not running: what waits in the spool is sent from then on,
+        before any hook of this process's own. The first request through the middleware
+        does it (as do :meth:`submit` and :meth:`flush`). Without a spool there is
+        nothing to send yet: the threads start with the first hook."""
+        if self._spooler is not None:
+            with self._cond:
+                self._start_workers()
 
     def submit(self, delivery: Delivery) -> None:
         """Queue *delivery*; never blocks (beyond a short lock), never raises."""
