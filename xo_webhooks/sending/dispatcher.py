@@ -582,7 +582,7 @@ class ThreadDispatcher:
                 elif delay is not None and self._spooling():  # even closing: it waits there
                     self._lanes.count(lane, -1)
                     self._to_spool(delivery, time.time() + delay)
-                    self._finish(delivery, spooled=True)
+                    self._finish(delivery, forget=False)
                 elif delay is not None and not self._closed:
                     self._start_workers()
                     due = time.monotonic() + delay
@@ -609,7 +609,7 @@ class ThreadDispatcher:
             for delivery in self._lanes.drain(lane):
                 self._lanes.count(lane, -1)
                 self._to_spool(delivery, time.time())
-                self._finish(delivery, spooled=True)
+                self._finish(delivery, forget=False)
         elif transition == "opened":
             self._lanes.park(lane, time.monotonic())
         elif transition == "closed":
@@ -627,11 +627,12 @@ class ThreadDispatcher:
             return gone
         return []
 
-    def _finish(self, delivery: Delivery, spooled: bool = False) -> None:
+    def _finish(self, delivery: Delivery, forget: bool = True) -> None:
         """A delivery is done here (delivered, given up, or handed to the spool):
-        forget it in the spool (unless handed there), and release the posts held for
-        it (to the spool, if it or another pre hook of the call went there)."""
-        if self._spooler is not None and not spooled:
+        remove it from the spool if *forget* (not when it was just handed there, or
+        never written), and release the posts held for it (to the spool, if it or
+        another pre hook of the call went there)."""
+        if self._spooler is not None and forget:
             self._spooler.forget(delivery)
         key = delivery.order_key
         if delivery.is_pre and key in self._open_pres:
@@ -667,11 +668,12 @@ class ThreadDispatcher:
             for delivery in deliveries:
                 lane = self._lanes.of(delivery)
                 lane.failed += 1
-                if id(delivery) in self._refused:
+                refused = id(delivery) in self._refused
+                if refused:
                     self._refused.discard(id(delivery))
                 else:
                     self._lanes.count(lane, -1)
-                self._finish(delivery)
+                self._finish(delivery, forget=not refused)  # a refused one was never kept
 
     def __repr__(self) -> str:
         return f"<ThreadDispatcher workers={self.settings.max_workers} {self.stats()}>"

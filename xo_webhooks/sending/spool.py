@@ -117,8 +117,15 @@ class EndpointSummary:
 
 
 def owner_token() -> str:
-    """This process's name in the spool: host, pid, and a random part."""
-    return f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
+    """A name in the spool for one dispatcher of this process: host, pid, and a random
+    part (a process may have several dispatchers, and a later one the same pid)."""
+    token = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
+    _OWNERS.add(token)
+    return token
+
+
+#: The owner tokens made by this process: another token with its pid is a former one.
+_OWNERS: set[str] = set()
 
 
 class Spool:
@@ -377,8 +384,8 @@ def _is_gone(owner: str) -> bool:
     pid = rest.partition("/")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    if int(pid) == os.getpid():  # not this process (it is another owner): a former one
-        return True
+    if int(pid) == os.getpid():  # this pid: a dispatcher of ours, or a former process's
+        return owner not in _OWNERS
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

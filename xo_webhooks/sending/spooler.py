@@ -114,7 +114,8 @@ class Spooler:
         self.errors = 0  #: failed spool transactions
         self.rows = 0  #: hooks in the spool, at the last count
         self.flushing = 0  #: flush() calls waiting: count the rows at every cycle
-        self._dirty = False  # written since the last count
+        self._dirty = True  # written since the last count (or never counted)
+        self._closed = False
         self._ops: deque[_Op] = deque()  # releases and deletions, in order
         self._kept: deque[Delivery] = deque()  # hooks held here, to write
         self._breakers: deque[tuple[str, dict[str, Any]]] = deque()
@@ -126,7 +127,7 @@ class Spooler:
         self._seen = 0.0  # the newest breaker state of another process adopted
         self._soonest = math.inf  # when the soonest hook this process spooled is due
         self._next_try = 0.0
-        self._lock = threading.Lock()  # start() and close() only
+        self._lock = threading.Lock()  # starting, closing, and writing after close
 
     # -- from any thread: queue, never block ------------------------------------------
 
@@ -139,10 +140,14 @@ class Spooler:
         self._ops.append(
             (delivery.id, delivery, False, due, delivery.attempts, delivery.last_error)
         )
+        if self._closed:
+            self._late()
 
     def forget(self, delivery: Delivery) -> None:
         """*delivery* is done (delivered or given up on): remove it."""
         self._ops.append((delivery.id, None, False, 0.0, 0, None))
+        if self._closed:
+            self._late()
 
     def save_breaker(self, origin: str, fields: dict[str, Any]) -> None:
         """Share *origin*'s breaker state with the other processes."""
@@ -197,7 +202,7 @@ class Spooler:
                 due_soon = self._soonest <= time.time()
                 if self.healthy and (now >= next_poll or self.flushing or due_soon):
                     if now >= next_renew:
-                        self._guard(lambda spool: spool.renew(self.owner, time.time()))
+                        self._guard(lambda s: s.renew(self.owner, time.time()), writes=True)
                         next_renew = now + LEASE / 4
                     more = False
                     if not stopping:
@@ -215,12 +220,30 @@ class Spooler:
         self._finish()
 
     def _finish(self) -> None:
-        """The last write, then free this process's hooks and close the file."""
-        if self._usable(time.monotonic(), final=True):
-            self._write()
-            self._guard(lambda spool: spool.release(self.owner))
-        else:
-            self._hand_back()
+        """The last write, then free this process's hooks and close the file. What
+        comes after (an attempt that ended late) is written at once: :meth:`_late`."""
+        with self._lock:
+            self._closed = True
+            if self._spool is None and not self._ops and not self._kept:
+                return  # it never had anything to do
+            if self._usable(time.monotonic(), final=True):
+                self._write()
+                self._guard(lambda spool: spool.release(self.owner), writes=True)
+            else:
+                self._hand_back()
+            self._close_file()
+
+    def _late(self) -> None:
+        """After close(): an attempt in flight then has ended; write its outcome now,
+        from its own thread (else the next process would send a delivered hook again)."""
+        with self._lock:
+            if self._usable(time.monotonic(), final=True):
+                self._write()
+            else:
+                self._hand_back()
+            self._close_file()
+
+    def _close_file(self) -> None:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
@@ -239,18 +262,19 @@ class Spooler:
             except (sqlite3.Error, OSError) as e:
                 self._failed(e)
                 return False
-            self._guard(lambda spool: spool.renew(self.owner, time.time()))
-        return True
+        # A write says whether it works (again): a read may pass on a locked file.
+        return self._guard(lambda spool: spool.renew(self.owner, time.time()), writes=True)
 
-    def _guard(self, action: Callable[[Spool], Any]) -> bool:
-        """Run *action* on the spool; on failure, note it and return ``False``."""
+    def _guard(self, action: Callable[[Spool], Any], writes: bool = False) -> bool:
+        """Run *action* on the spool; on failure, note it and return ``False``. A
+        successful write (*writes*) shows a failed spool works again."""
         assert self._spool is not None
         try:
             action(self._spool)
         except (sqlite3.Error, OSError) as e:
             self._failed(e)
             return False
-        if not self.healthy:
+        if writes and not self.healthy:
             self.healthy = True
             logger.info("spool %s works again: hooks are kept there again", self.path)
         return True
