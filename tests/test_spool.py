@@ -38,10 +38,10 @@ The spooler's intervals are shortened here so that each test takes well under 5 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -220,7 +220,7 @@ def exited_pid() -> int:
 
 
 def test_renew_frees_the_rows_of_a_process_of_this_host_that_is_gone(spool):
-    host = socket.gethostname()
+    host = owner_token().partition("/")[0]  # this host: its name and pid namespace
     gone = f"{host}/{exited_pid()}/x"
     alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                              stdin=subprocess.PIPE)  # fmt: skip
@@ -289,10 +289,11 @@ def test_an_open_shared_breaker_gives_one_probe_at_a_time(spool):
     spool.write([], [], [(ORIGIN_A, Breaker(2).to_dict())], OTHER, T + 101)  # closed
     due, _ = claim(spool, ME, T + 101)  # all three: the probes' leases ran out
     assert sorted(due) == ["h0", "h1", "h2"]
-    # Others adopt the state a process saved, never their own.
-    ((origin, fields, updated),) = spool.breakers(T, ME, T + 101)
-    assert (origin, fields["state"], updated) == (ORIGIN_A, "closed", T + 101)
-    assert spool.breakers(T, OTHER, T + 101) == []
+    # Others adopt the state a process saved, never their own, each save once.
+    ((origin, fields, version),) = spool.breakers(0, ME, T + 101)
+    assert (origin, fields["state"]) == (ORIGIN_A, "closed")
+    assert spool.breakers(version, ME, T + 101) == []
+    assert spool.breakers(0, OTHER, T + 101) == []
 
 
 def test_retry_now_makes_waiting_hooks_due_and_lets_down_endpoints_probe(spool):
@@ -573,18 +574,19 @@ def test_a_post_hook_waits_for_a_pre_hook_spooled_while_the_spooler_was_busy(
     webhook_receiver.clear()
     webhook_receiver.respond_with(503, 204)
     claiming, looked = threading.Event(), threading.Event()
-    spool_room, spool_looked = dispatcher.spool_room, dispatcher.spool_looked
+    spooler = dispatcher._spooler
+    assert spooler is not None
+    client = spooler._client
 
     def spy_room() -> tuple[int, dict[str, int]]:
         claiming.set()
-        return spool_room()
+        return client.room()
 
     def spy_looked() -> None:
         looked.set()
-        spool_looked()
+        client.looked()
 
-    dispatcher.spool_room = spy_room
-    dispatcher.spool_looked = spy_looked
+    spooler._client = dataclasses.replace(client, room=spy_room, looked=spy_looked)
     with contextlib.closing(sqlite3.connect(spool_path, isolation_level=None)) as locker:
         locker.execute("BEGIN IMMEDIATE")  # the next claim waits (within the busy timeout)
         claiming.clear()
@@ -960,3 +962,155 @@ def test_a_spool_with_the_celery_dispatcher_is_a_config_error(tmp_path, by_kwarg
     source = "spool" if by_kwarg else "XO_WEBHOOKS_SPOOL"
     assert str(raised.value).startswith(f"{source}: the Celery dispatcher keeps its hooks in")
     assert "the spool is for the thread dispatcher" in str(raised.value)
+
+
+def test_an_attempt_under_way_at_close_stays_this_processs(webhook_receiver, dispatch, spool_path):
+    """close() frees the hooks it holds for the next process, but not one whose attempt
+    is still under way: the next process must not send it while it is in flight."""
+    gate = Gate(204)
+    webhook_receiver.respond_with(gate)
+    first = dispatch(webhook_receiver.url)
+    (hook,) = first.settings.hooks
+    delivery = pre(hook, "c1")
+    first.submit(delivery)
+    assert gate.arrived.wait(5)
+    waited(lambda: holders(spool_path), lambda rows: delivery.id in rows, "c1 written")
+    first.close(0)
+    assert holders(spool_path)[delivery.id][0] is not None  # still leased by the first
+
+    second = dispatch(webhook_receiver.url)
+    second.start()  # another worker of the server, claiming from the spool
+    looked = waited(lambda: second.stats(), lambda s: s["resumed"] == 0, "a claim")
+    gate.open()
+    wait_until(lambda: count_in(spool_path) == 0, 5, "c1 removed once delivered")
+    assert second.flush(5)
+    assert looked["resumed"] == second.stats()["resumed"] == 0
+    assert ids(webhook_receiver.received) == [delivery.id]
+
+
+def test_a_post_whose_write_fails_still_waits_for_its_spooled_pre(
+    webhook_receiver, dispatch, spool_path, monkeypatch
+):
+    """The pre hook waits in the spool for its retry; the post hook's write fails (a
+    lock held too long): it comes back to memory, and still waits for the pre hook."""
+    webhook_receiver.respond_with(503, 204)
+    real_write = Spool.write
+
+    def refuse_posts(self, rows, deleted, breakers, owner, now):  # type: ignore[no-untyped-def]
+        rows = list(rows)
+        if any(r.kind == "post" and r.owner is None for r in rows):
+            raise sqlite3.OperationalError("database is locked")
+        return real_write(self, rows, deleted, breakers, owner, now)
+
+    monkeypatch.setattr(Spool, "write", refuse_posts)
+    monkeypatch.setattr(spooler_module, "RETRY_INTERVAL", 0.05)
+    dispatcher = dispatch(webhook_receiver.url, retry_schedule="300ms")
+    (hook,) = dispatcher.settings.hooks
+    dispatcher.submit(pre(hook, "c1"))
+    wait_until(lambda: dispatcher.stats()["spooled"] == 1, 5, "the pre hook spooled")
+    dispatcher.submit(post(hook, "c1"))
+    assert dispatcher.flush(5)
+    assert [(h.payload["type"], h.status) for h in webhook_receiver.attempts] == [
+        ("pre", 503), ("pre", 204), ("post", 204),
+    ]  # fmt: skip
+    assert dispatcher.stats()["spool_errors"] >= 1
+
+
+def test_a_spool_thread_that_cannot_start_leaves_hooks_in_memory(
+    webhook_receiver, dispatch, monkeypatch, caplog
+):
+    real_start = threading.Thread.start
+
+    def no_spool_thread(self: threading.Thread) -> None:
+        if self.name == "xo-webhooks-spool":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_spool_thread)
+    dispatcher = dispatch(webhook_receiver.url)
+    (hook,) = dispatcher.settings.hooks
+    dispatcher.submit(pre(hook, "c1"))  # never raises
+    assert dispatcher.flush(5)
+    assert len(webhook_receiver.wait_for(1)) == 1
+    stats = ledger(dispatcher)
+    assert (stats["delivered"], stats["spool_errors"]) == (1, 1)
+    origin = endpoint_of(webhook_receiver.url)
+    assert dispatcher.endpoint_stats()[origin]["spool"] == "memory"
+    assert "can't start new thread" in caplog.text
+
+
+def test_pre_hooks_waiting_for_an_endpoint_that_is_down_cost_no_memory_once_posted(
+    dispatch, spool_path
+):
+    """An endpoint down for hours: each call's pre and post hooks wait in the spool; what
+    the dispatcher remembers of them (for ordering) ends with each call's post hook."""
+    dispatcher = dispatch(f"http://127.0.0.1:{free_port()}/", breaker_threshold=1)
+    (hook,) = dispatcher.settings.hooks
+    dispatcher.submit(pre(hook, "first"))  # refused: the endpoint opens
+    origin = endpoint_of(hook.url)
+    wait_until(lambda: dispatcher.endpoint_stats()[origin]["state"] == "open", 5, "open")
+    for n in range(500):
+        dispatcher.submit(pre(hook, f"c{n}"))
+        dispatcher.submit(post(hook, f"c{n}"))
+    stats = ledger(dispatcher)
+    assert (stats["pending"], stats["spooled"]) == (0, 1001)
+    assert len(dispatcher._spooled_pres) == 1  # "first": its post never came
+    wait_until(lambda: count_in(spool_path) == 1001, 5, "all in the spool")
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A folder on a tmpfs of 2 MiB of its own, unmounted at teardown; skipped where
+    mounting is not allowed (it needs root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of *folder*; return the file that filled it."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+def test_a_full_disk_costs_no_hook_and_the_spool_is_used_again_once_there_is_room(
+    webhook_receiver, dispatch, small_disk, caplog
+):
+    path = str(small_disk / "hooks.sqlite3")
+    webhook_receiver.respond_with(503, 204)
+    dispatcher = dispatch(webhook_receiver.url, spool=path, retry_schedule="200ms")
+    (hook,) = dispatcher.settings.hooks
+    dispatcher.submit(pre(hook, "c0"))
+    assert dispatcher.flush(5)  # through the spool: its retry waited there
+    assert ledger(dispatcher)["spooled"] == 1
+
+    filler = fill(small_disk)
+    webhook_receiver.respond_with(503, 204)
+    calls = [pre(hook, f"c{n}") for n in range(1, 4)]
+    for delivery in calls:
+        delivery.payload["params"] = {"padding": "x" * 300_000}  # more than the WAL has
+        dispatcher.submit(delivery)  # never raises
+    assert dispatcher.flush(5)  # the retries were kept in memory
+    stats = ledger(dispatcher)
+    assert (stats["delivered"], stats["failed"], stats["lost"]) == (4, 0, 0), stats
+    assert stats["spool_errors"] >= 1
+    # Logged once, though a nearly full disk lets small writes through between failures.
+    assert caplog.text.count("kept in memory meanwhile") == 1, caplog.text
+
+    filler.unlink()  # room again: the next retry waits in the spool again
+    origin = endpoint_of(webhook_receiver.url)
+    wait_until(lambda: dispatcher.endpoint_stats()[origin]["spool"] == "spool", 5, "back")
+    webhook_receiver.respond_with(503, 204)
+    dispatcher.submit(pre(hook, "c4"))
+    assert dispatcher.flush(5)
+    assert ledger(dispatcher)["spooled"] > stats["spooled"]

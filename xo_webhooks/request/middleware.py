@@ -144,7 +144,10 @@ class WebhookMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._first_request is not None:
             start, self._first_request = self._first_request, None
-            start()
+            try:
+                start()
+            except Exception:  # the middleware's own failure never reaches the client
+                logger.exception("xo-webhooks could not start delivering")
         # Cheap checks first: most requests never have their body touched.
         if (
             not self._enabled
@@ -175,15 +178,17 @@ class WebhookMiddleware:
 
     def stats(self) -> dict[str, int]:
         """Delivery counters since start: accepted, delivered, retried, failed,
-        dead_lettered, lost, pending."""
+        dead_lettered, lost, pending; with a spool, spooled, left, resumed and
+        spool_errors too (see the README's Delivery guarantees)."""
         return self.dispatcher.stats()
 
     def endpoint_stats(self) -> dict[str, dict[str, Any]]:
         """For each endpoint (a hook URL's scheme, host and port): its ``state``
         (``closed``, ``open``, ``half-open``, ``disabled``), ``pending``, ``delivered``,
         ``failed``, ``consecutive_failures``, ``last_error``, ``last_success`` and
-        ``opened_at`` (epoch seconds or ``None``). Empty for a dispatcher of your own
-        that has no ``endpoint_stats()``."""
+        ``opened_at`` (epoch seconds or ``None``), and (the thread dispatcher) where its
+        waiting hooks are kept, ``spool``: ``"spool"`` or ``"memory"``. Empty for a
+        dispatcher of your own that has no ``endpoint_stats()``."""
         endpoint_stats = getattr(self.dispatcher, "endpoint_stats", None)
         return endpoint_stats() if endpoint_stats is not None else {}
 

@@ -141,6 +141,9 @@ class CeleryDispatcher:
             self._give_up(delivery, "retries_exhausted" if attempt.retryable else "final_answer")
         return False
 
+    def start(self) -> None:
+        """Nothing to start here: the workers deliver, and publishing needs no thread."""
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no publish is under way (delivery itself is the workers' job)."""
         with self._cond:

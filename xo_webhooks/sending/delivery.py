@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,8 +45,6 @@ def _reseed_ids() -> None:
 
 _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
 os.register_at_fork(after_in_child=_reseed_ids)  # a forked worker must not repeat ids
-# A payload is built once, though a delivery thread and the spooler may ask together.
-_build_lock = threading.Lock()
 
 
 class Delivery:
@@ -67,7 +64,7 @@ class Delivery:
     """
 
     __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
-                 "call_id", "kind", "redacted", "trace", "reason", "created")  # fmt: skip
+                 "call_id", "kind", "redacted", "trace", "reason", "created", "after")  # fmt: skip
 
     def __init__(
         self,
@@ -97,16 +94,19 @@ class Delivery:
         self.trace = trace
         self.reason: str | None = None  # why it was given up on (see policy.GIVE_UP_REASONS)
         self.created = time.time()  # when it was accepted (a spooled one: first accepted)
+        self.after: str | None = None  # a post hook: the id of its pre hook in the spool
 
     @property
     def payload(self) -> dict[str, Any]:
         """The payload, built on first use."""
-        if self._payload is None:
-            with _build_lock:
-                if self._payload is None:
-                    assert self._build is not None
-                    self._payload, self._build = self._build(), None
-        return self._payload
+        payload = self._payload
+        if payload is None:
+            build = self._build  # a delivery thread and the spooler may ask at once: each
+            if build is None:  # may build it (equal dicts), and either one is kept
+                return self._payload  # type: ignore[return-value]  # built meanwhile
+            payload = build()
+            self._payload, self._build = payload, None
+        return payload
 
     @payload.setter
     def payload(self, value: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from .lanes import Lane, Lanes
 from .observers import Observers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
-from .spooler import Spooler
+from .spooler import SpoolClient, Spooler
 
 __all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 
@@ -60,8 +60,12 @@ class Dispatcher(Protocol):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending; return whether that happened in time."""
 
+    def start(self) -> None:
+        """Start delivering in this process if it needs to before its first hook (the
+        middleware calls it on its first request, when the dispatcher has it)."""
+
     def close(self, timeout: float | None = None) -> None:
-        """Flush, stop, and dead-letter what is left."""
+        """Flush, stop, and dead-letter what is left (with a spool: leave it there)."""
 
     def stats(self) -> dict[str, int]:
         """Integer counters since start (see :data:`STAT_NAMES`)."""
@@ -121,9 +125,13 @@ class ThreadDispatcher:
         #: Told what happens to hooks (metrics, ``on_give_up``): see :mod:`.observers`.
         self.observers = Observers()
         self._lease = probe_lease(settings.timeout)
+        self._post_urls = frozenset(hook.url for hook in settings.hooks if hook.post)
         self._spooler = None if settings.spool is None else Spooler(
             settings.spool,
-            self,
+            SpoolClient(
+                room=self._spool_room, resume=self._resume, unspool=self._unspool,
+                adopt=self._adopt, looked=self._spool_looked, forget_pres=self._forget_pres,
+            ),
             make_delivery=lambda message: Delivery.from_record(
                 message, settings, int(message.get("attempts") or 0)
             ),
@@ -148,6 +156,7 @@ class ThreadDispatcher:
         self._delayed: list[tuple[float, int, Delivery]] = []  # retries, a heap by due time
         self._held: dict[tuple[Any, str], list[Delivery]] = {}  # posts waiting for a pre
         self._open_pres: Counter[tuple[Any, str]] = Counter()
+        self._attempting: set[str] = set()  # ids of the hooks whose attempt is under way
         # Pre hooks handed to the spool, by order key: their call's post hooks to that
         # URL go there too, where none is sent before its pre hook has left the spool.
         self._spooled_pres: dict[tuple[Any, str], tuple[str, float]] = {}
@@ -224,6 +233,8 @@ class ThreadDispatcher:
                 if refusal is None and gate is Gate.WAIT:
                     self._lanes.put(lane, delivery, time.monotonic())
                     self._cond.notify()
+                elif refusal is None:
+                    self._attempting.add(delivery.id)
         if self.observers:
             self.observers.accepted(lane.origin)
         if refusal is None and gate is Gate.WAIT:
@@ -240,23 +251,25 @@ class ThreadDispatcher:
         return attempt.delivered
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until no hook is pending; return whether that happened within *timeout*."""
+        """Wait until no hook is pending, in memory or (with a spool) in the spool,
+        whichever process put it there; return whether that happened within *timeout*."""
         spooler = self._spooler
         if spooler is None:
             with self._idle:
                 return self._idle.wait_for(lambda: self._pending() == 0, timeout)
         self.start()
         with self._idle:  # and nothing in the spool: its retries are pending too
-            spooler.flushing += 1
-            spooler.poke()
+            spooler.flushing(True)
             try:
                 return self._idle.wait_for(lambda: self._pending() == 0 and spooler.idle(), timeout)
             finally:
-                spooler.flushing -= 1
+                spooler.flushing(False)
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush for up to *timeout* seconds (default ``shutdown_timeout``), stop the
-        workers, and give up on whatever is still pending. Safe to call twice."""
+        """Wait up to *timeout* seconds (default ``shutdown_timeout``) for the hooks in
+        memory, stop the workers, and give up on whatever is still pending, or, with a
+        spool, leave it there for the next process (an attempt still under way then
+        stays this process's, and writes its own outcome). Safe to call twice."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._idle:  # the hooks in memory; those in the spool wait for the next process
@@ -284,7 +297,9 @@ class ThreadDispatcher:
         for thread in threads:
             thread.join(_left(deadline))
         if self._spooler is not None:  # after the threads: their last retries go there too
-            self._spooler.close(_left(deadline) + 5)
+            with self._cond:  # still under way: held, their outcome written when they end
+                attempting = list(self._attempting)
+            self._spooler.close(_left(deadline) + 5, attempting)
             if self._counters["left"]:
                 logger.info(
                     "%d hook(s) left in the spool %s: the next process that opens it sends them",
@@ -378,20 +393,23 @@ class ThreadDispatcher:
         assert self._spooler is not None
         self._spooler.release(delivery, due)
         self._counters["left" if self._closed else "spooled"] += 1
-        if delivery.is_pre:
-            self._spooled_pres[delivery.order_key] = (delivery.id, time.monotonic())
+        key = delivery.order_key
+        if delivery.is_pre and (delivery.hook.url in self._post_urls or key in self._held):
+            self._spooled_pres[key] = (delivery.id, time.monotonic())
+        elif key in self._spooled_pres:  # the call's post: the entry has served
+            delivery.after = self._spooled_pres.pop(key)[0]
 
-    def spool_room(self) -> tuple[int, dict[str, int]]:
-        """For the spooler: how many hooks memory can take now, and how many each
+    def _spool_room(self) -> tuple[int, dict[str, int]]:
+        """how many hooks memory can take now, and how many each
         endpoint holds there already."""
         with self._cond:
             if self._closed or not self._resumes:
                 return 0, {}
             return self.settings.queue_size - self._pending(), self._lanes.held()
 
-    def resume(self, due: list[Delivery], expired: list[Delivery]) -> None:
-        """For the spooler: hooks claimed from the spool, to send (*due*) or to give up
-        on (*expired*: their schedule ran out while they waited)."""
+    def _resume(self, due: list[Delivery], expired: list[Delivery]) -> None:
+        """Take hooks claimed from the spool: to send (*due*), or to give up on
+        (*expired*: their schedule ran out while they waited)."""
         gone = []
         with self._cond:
             self._counters["resumed"] += len(due) + len(expired)
@@ -400,14 +418,12 @@ class ThreadDispatcher:
                 lane = self._lanes.of(delivery)
                 self._lanes.count(lane, +1)
                 self._note_pre(delivery)
-                if ran_out or lane.breaker.state == "disabled":
-                    delivery.reason = (
-                        "gone" if lane.breaker.state == "disabled" else "retries_exhausted"
-                    )
-                    if lane.breaker.state != "closed":
-                        delivery.last_error = lane.breaker.unavailable(lane.origin)
-                    elif not delivery.last_error:
-                        delivery.last_error = "its retry schedule ran out while it waited"
+                if lane.breaker.state != "closed" and (ran_out or lane.breaker.state == "disabled"):
+                    _unavailable(lane, delivery)
+                    gone.append(delivery)
+                elif ran_out:
+                    delivery.reason = "retries_exhausted"
+                    delivery.last_error = delivery.last_error or "its schedule ran out as it waited"
                     gone.append(delivery)
                 elif self._closed:
                     self._lanes.count(lane, -1)
@@ -419,31 +435,37 @@ class ThreadDispatcher:
             self._cond.notify_all()
         self._give_up(gone)
 
-    def unspool(self, released: list[tuple[Delivery, float]]) -> None:
-        """For the spooler: hooks handed to the spool that could not be written come
-        back to memory, due at their time (epoch seconds)."""
+    def _unspool(self, released: list[tuple[Delivery, float]]) -> None:
+        """Take back hooks handed to the spool that could not be written: they wait in
+        memory, due at their time (epoch seconds); a post hook whose pre hook is on its
+        way (here, or in the spool) waits for it."""
         shutdown = []
         with self._cond:
             self._counters["resumed"] += len(released)
             mono, epoch = time.monotonic(), time.time()
             for delivery, due in released:
                 self._lanes.count(self._lanes.of(delivery), +1)
+                key = delivery.order_key
                 if delivery.is_pre:
-                    self._spooled_pres.pop(delivery.order_key, None)
+                    self._spooled_pres.pop(key, None)
                     self._note_pre(delivery)
                 if self._closed:
                     delivery.reason = "shutdown"
                     delivery.last_error = delivery.last_error or "the spool failed at shutdown"
                     shutdown.append(delivery)
+                elif not delivery.is_pre and (key in self._open_pres or delivery.after):
+                    self._held.setdefault(key, []).append(delivery)
+                    if delivery.after and key not in self._open_pres:  # its pre is spooled
+                        self._spooled_pres[key] = (delivery.after, mono)
                 else:
                     due_at = mono + max(0.0, due - epoch)
                     heapq.heappush(self._delayed, (due_at, next(self._seq), delivery))
             self._cond.notify_all()
         self._give_up(shutdown)
 
-    def adopt(self, origin: str, fields: dict[str, Any]) -> None:
-        """For the spooler: another process saved this state of *origin*'s breaker
-        (its probe failed or succeeded, it saw the endpoint go down or gone)."""
+    def _adopt(self, origin: str, fields: dict[str, Any]) -> None:
+        """Another process saved this state of *origin*'s breaker (its probe failed or
+        succeeded, it saw the endpoint go down or gone)."""
         with self._cond:
             lane = self._lanes.lane(origin)
             before = lane.breaker.state
@@ -458,23 +480,29 @@ class ThreadDispatcher:
             self._cond.notify_all()
         self._give_up(gone)
 
-    def spool_looked(self) -> None:
-        """For the spooler: it wrote or counted; ``flush()`` may be done."""
+    def _spool_looked(self) -> None:
+        """The spooler wrote or counted: ``flush()`` may be done."""
         with self._idle:
             self._idle.notify_all()
 
-    def forget_pres(self, before: float, held: Callable[[list[str]], set[str]]) -> None:
-        """For the spooler: forget the pre hooks handed to the spool before *before*
-        (monotonic) that are no longer there (*held* says which ids are)."""
+    def _forget_pres(self, before: float, held: Callable[[list[str]], set[str]]) -> None:
+        """Forget the pre hooks handed to the spool before *before* (monotonic) that
+        are no longer there (*held* says which ids are); post hooks held here for one
+        of them may go."""
         with self._cond:
             noted = [(k, pre_id) for k, (pre_id, t) in self._spooled_pres.items() if t < before]
         if not noted:
             return
         present = held([pre_id for _, pre_id in noted])
         with self._cond:
+            now = time.monotonic()
             for key, pre_id in noted:
                 if pre_id not in present and self._spooled_pres.get(key, ("",))[0] == pre_id:
                     del self._spooled_pres[key]
+                    if key not in self._open_pres:  # posts unspooled while it was there
+                        for post in self._held.pop(key, []):
+                            self._lanes.put(self._lanes.of(post), post, now)
+            self._cond.notify_all()
 
     def _note_pre(self, delivery: Delivery) -> None:
         """A pre hook is on its way: its call's post hooks to that URL wait for it."""
@@ -543,6 +571,7 @@ class ThreadDispatcher:
                 return [delivery for _, delivery in expired]
             work = self._lanes.take(time.time(), self._lease)
             if work is not None:
+                self._attempting.add(work[1].id)
                 return work
             waits = [self._delayed[0][0] - now] if self._delayed else []
             wake = self._lanes.next_wake(now, time.time())
@@ -560,6 +589,7 @@ class ThreadDispatcher:
         elif self.observers:  # before it is counted: flush() returns after observers
             self.observers.delivered(lane.origin, delivery)
         with self._cond:
+            self._attempting.discard(delivery.id)
             if by_worker:
                 lane.in_flight -= 1
             if delivery.attempts > 1:
@@ -650,8 +680,8 @@ class ThreadDispatcher:
                 self._cond.notify(len(held))
         if self._pending() == 0:
             self._idle.notify_all()
-            if self._spooler is not None and self._spooler.flushing:
-                self._spooler.poke()  # what is left to see is the spool's
+            if self._spooler is not None:
+                self._spooler.poke()  # for a flush(): what is left to see is the spool's
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
         """Have accepted deliveries recorded as failed: by the recorder thread, or here

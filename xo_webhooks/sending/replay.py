@@ -69,8 +69,8 @@ def replay(target: str, settings: Settings) -> ReplayReport:
         dispatcher.close(None if settings.spool else 0)
         store.append(failed)
     stats = dispatcher.stats()
-    spooled = stats["spooled"] + stats["left"]
-    return ReplayReport(len(records), len(records) - len(failed) - spooled, len(failed), spooled)
+    spooled = stats["spooled"] + stats["left"] - stats["resumed"]  # resumed: not written
+    return ReplayReport(len(records), stats["delivered"], len(failed), spooled)
 
 
 class _Collector:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     breaker TEXT,
     updated REAL NOT NULL DEFAULT 0,
     writer TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
     probe_until REAL NOT NULL DEFAULT 0
 );
 """
@@ -90,8 +91,9 @@ class Row:
                 self.due, self.deadline, self.created, self.owner, lease_until)  # fmt: skip
 
 
-#: An endpoint's breaker as another process saved it: origin, fields, when.
-Shared = tuple[str, dict[str, Any], float]
+#: An endpoint's breaker as another process saved it: origin, fields, and the version
+#: of the save (a number that grows with each save, in the order they committed).
+Shared = tuple[str, dict[str, Any], int]
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,21 @@ class EndpointSummary:
 
 
 def owner_token() -> str:
-    """A name in the spool for one dispatcher of this process: host, pid, and a random
-    part (a process may have several dispatchers, and a later one the same pid)."""
-    token = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
+    """A name in the spool for one dispatcher of this process: its host, pid, and a
+    random part (a process may have several dispatchers, and a later one the same pid).
+    The host is the host name and the pid namespace: containers that share a host
+    name (host networking) do not share pids."""
+    token = f"{_host()}/{os.getpid()}/{os.urandom(4).hex()}"
     _OWNERS.add(token)
     return token
+
+
+def _host() -> str:
+    try:
+        namespace = f"~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux
+        namespace = ""
+    return socket.gethostname() + namespace
 
 
 #: The owner tokens made by this process: another token with its pid is a former one.
@@ -178,12 +190,12 @@ class Spool:
         self,
         rows: Iterable[Row],
         deleted: Iterable[str],
-        endpoints: Iterable[tuple[str, dict[str, Any]]],
+        breakers: Iterable[tuple[str, dict[str, Any]]],
         owner: str,
         now: float,
     ) -> None:
         """In one transaction: write *rows* (replacing rows with their ids), delete the
-        rows with the ids in *deleted*, and save the breakers of *endpoints*."""
+        rows with the ids in *deleted*, and save *breakers* (``(origin, fields)``)."""
         until = now + LEASE
         with self._transaction() as db:
             rows = list(rows)
@@ -197,10 +209,12 @@ class Spool:
                 [(origin,) for origin in {row.endpoint for row in rows}],
             )
             db.executemany(
-                "INSERT INTO endpoints (origin, breaker, updated, writer) VALUES (?,?,?,?) "
+                "INSERT INTO endpoints (origin, breaker, updated, writer, version) "
+                "VALUES (?1, ?2, ?3, ?4, (SELECT coalesce(max(version), 0) + 1 FROM endpoints)) "
                 "ON CONFLICT (origin) DO UPDATE SET breaker = excluded.breaker, "
-                "updated = excluded.updated, writer = excluded.writer, probe_until = 0",
-                [(o, json.dumps(fields), now, owner) for o, fields in endpoints],
+                "updated = excluded.updated, writer = excluded.writer, "
+                "version = excluded.version, probe_until = 0",
+                [(o, json.dumps(fields), now, owner) for o, fields in breakers],
             )
 
     def renew(self, owner: str, now: float) -> None:
@@ -214,10 +228,16 @@ class Spool:
             gone = [(h,) for h in holders if h != owner and _is_gone(h)]
             db.executemany("UPDATE hooks SET owner = NULL, lease_until = 0 WHERE owner = ?", gone)
 
-    def release(self, owner: str) -> None:
-        """Free every row *owner* holds: it stops, the next process sends them."""
+    def release(self, owner: str, keep: Iterable[str] = ()) -> None:
+        """Free every row *owner* holds but those in *keep*: it stops, the next process
+        sends them. (*keep*: attempts still under way, whose outcome it writes later.)"""
         with self._transaction() as db:
-            db.execute("UPDATE hooks SET owner = NULL, lease_until = 0 WHERE owner = ?", (owner,))
+            kept = {hook_id: None for hook_id in keep}
+            held = db.execute("SELECT id FROM hooks WHERE owner = ?", (owner,)).fetchall()
+            db.executemany(
+                "UPDATE hooks SET owner = NULL, lease_until = 0 WHERE id = ?",
+                [row for row in held if row[0] not in kept],
+            )
 
     # -- claiming ---------------------------------------------------------------------
 
@@ -274,18 +294,16 @@ class Spool:
             )
         return Claimed([json.loads(m) for _, m in due], [json.loads(m) for _, m in expired], more)
 
-    def breakers(
-        self, since: float, owner: str, now: float
-    ) -> list[tuple[str, dict[str, Any], float]]:
-        """The endpoints' breakers that other processes saved after *since*:
-        ``(origin, fields, updated)``, oldest first, those older than
+    def breakers(self, since: int, owner: str, now: float) -> list[Shared]:
+        """The endpoints' breakers that processes other than *owner* saved after the
+        version *since*, in the order they were saved, those older than
         :data:`BREAKER_TTL` aside."""
         rows = self._db.execute(
-            "SELECT origin, breaker, updated FROM endpoints WHERE breaker IS NOT NULL "
-            "AND updated > ? AND updated > ? AND writer IS NOT ? ORDER BY updated",
+            "SELECT origin, breaker, version FROM endpoints WHERE breaker IS NOT NULL "
+            "AND version > ? AND updated > ? AND writer IS NOT ? ORDER BY version",
             (since, now - BREAKER_TTL, owner),
         ).fetchall()
-        return [(origin, json.loads(fields), updated) for origin, fields, updated in rows]
+        return [(origin, json.loads(fields), version) for origin, fields, version in rows]
 
     def count(self) -> int:
         """How many hooks the spool holds."""
@@ -315,13 +333,19 @@ class Spool:
         rows = self._db.execute(
             "SELECT endpoint, "
             "sum(lease_until < :now AND due <= :now), sum(lease_until < :now AND due > :now), "
-            "sum(lease_until >= :now), min(created) FROM hooks GROUP BY endpoint ORDER BY endpoint",
+            "sum(lease_until >= :now), min(created) FROM hooks GROUP BY endpoint",
             {"now": now},
         ).fetchall()
-        return [
-            EndpointSummary(origin, due, waiting, leased, oldest, states.get(origin, "closed"))
+        found = {
+            origin: EndpointSummary(
+                origin, due, waiting, leased, oldest, states.get(origin, "closed")
+            )
             for origin, due, waiting, leased, oldest in rows
-        ]
+        }
+        for origin, state in states.items():  # down, or gone, with no hook waiting
+            if origin not in found and state != "closed":
+                found[origin] = EndpointSummary(origin, 0, 0, 0, None, state)
+        return [found[origin] for origin in sorted(found)]
 
     def retry_now(self, now: float) -> int:
         """Make every waiting hook due now, and let a probe go now to every endpoint
@@ -338,21 +362,35 @@ class Spool:
                     breaker.update(state="open", probe_at=now, probe_until=0.0)
                     db.execute(
                         "UPDATE endpoints SET breaker = ?, updated = ?, writer = NULL, "
-                        "probe_until = 0 WHERE origin = ?",
+                        "probe_until = 0, version = (SELECT max(version) + 1 FROM endpoints) "
+                        "WHERE origin = ?",
                         (json.dumps(breaker), now, origin),
                     )
         return int(changed)
 
     @contextmanager
     def taken(self, now: float) -> Iterator[list[dict[str, Any]]]:
-        """Yield the messages of every hook no process holds, and delete them once the
-        caller is done (a failure in between keeps them)."""
+        """Yield the messages of every hook no process holds, leased meanwhile (no
+        process sends them, and the file is not locked while the caller works), and
+        delete them once the caller is done; a failure in between frees them again."""
+        owner = owner_token()
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT id, message FROM hooks WHERE lease_until < ? ORDER BY created", (now,)
             ).fetchall()
+            ids = [(hook_id,) for hook_id, _ in rows]
+            db.executemany(
+                "UPDATE hooks SET owner = ?, lease_until = ? WHERE id = ?",
+                [(owner, now + LEASE, hook_id) for hook_id, _ in rows],
+            )
+        try:
             yield [json.loads(message) for _, message in rows]
-            db.executemany("DELETE FROM hooks WHERE id = ?", [(i,) for i, _ in rows])
+        except BaseException:
+            with self._transaction() as db:
+                db.executemany("UPDATE hooks SET owner = NULL, lease_until = 0 WHERE id = ?", ids)
+            raise
+        with self._transaction() as db:
+            db.executemany("DELETE FROM hooks WHERE id = ?", ids)
 
     def __repr__(self) -> str:
         return f"Spool({self.path!r})"
@@ -382,7 +420,7 @@ def _is_gone(owner: str) -> bool:
     """Whether *owner* is a process of this host that no longer runs."""
     host, _, rest = owner.partition("/")
     pid = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != _host() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():  # this pid: a dispatcher of ours, or a former process's
         return owner not in _OWNERS

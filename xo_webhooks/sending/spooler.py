@@ -23,8 +23,9 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .._urls import endpoint_of, mask_url
 from .delivery import Delivery
@@ -41,40 +42,50 @@ COMMIT_INTERVAL = 0.2
 POLL_INTERVAL = 1.0
 #: Seconds between two tries of a spool that failed.
 RETRY_INTERVAL = 5.0
+#: Seconds: a spool that fails again within this time of its last error is not
+#: logged again (a nearly full disk fails big writes and lets small ones through).
+LOG_INTERVAL = 300.0
 #: Deletions kept for a spool that fails, at most: beyond, a hook delivered meanwhile
 #: may be sent again after a restart (with its ``webhook-id``).
 MAX_RETRIED_DELETES = 100_000
 
 
-class SpoolClient(Protocol):
+@dataclass(frozen=True)
+class SpoolClient:
     """What the spooler asks of its dispatcher (each call takes the dispatcher's lock)."""
 
-    def spool_room(self) -> tuple[int, dict[str, int]]:
-        """Hooks it can take now in all, and how many each endpoint holds already."""
-
-    def resume(self, due: list[Delivery], expired: list[Delivery]) -> None:
-        """Take hooks claimed from the spool: to send, and to give up on."""
-
-    def unspool(self, released: list[tuple[Delivery, float]]) -> None:
-        """Take back hooks that could not be written: ``(delivery, due epoch)``."""
-
-    def adopt(self, origin: str, fields: dict[str, Any]) -> None:
-        """Another process saved this breaker state of *origin*."""
-
-    def spool_looked(self) -> None:
-        """The spooler wrote, or counted the hooks in the spool: wake ``flush()``."""
-
-    def forget_pres(self, before: float, held: Callable[[list[str]], set[str]]) -> None:
-        """Forget the spooled pre hooks (noted before *before*) that left the spool."""
+    #: Hooks it can take now in all, and how many each endpoint holds already.
+    room: Callable[[], tuple[int, dict[str, int]]]
+    #: Take hooks claimed from the spool: to send, and to give up on.
+    resume: Callable[[list[Delivery], list[Delivery]], None]
+    #: Take back hooks that could not be written: ``(delivery, due epoch)``.
+    unspool: Callable[[list[tuple[Delivery, float]]], None]
+    #: Another process saved this breaker state of an endpoint.
+    adopt: Callable[[str, dict[str, Any]], None]
+    #: The spooler wrote, or counted the hooks in the spool: wake ``flush()``.
+    looked: Callable[[], None]
+    #: Forget the spooled pre hooks (noted before a time) that left the spool (the
+    #: callable says which of some ids are there).
+    forget_pres: Callable[[float, Callable[[list[str]], set[str]]], None]
 
 
 #: Connections a forked child inherited: never used, never closed (SQLite's close
 #: could checkpoint and remove the write-ahead log the parent still writes).
 _INHERITED: list[Spool] = []
 
-# An operation queued for the spool: (id, delivery or None to delete, owned, due,
-# attempts, last error).
-_Op = tuple[str, "Delivery | None", bool, float, int, "str | None"]
+
+class _Op(NamedTuple):
+    """A hook to write: held by this process (*owned*), or free, due at *due*."""
+
+    delivery: Delivery
+    owned: bool
+    due: float = 0.0
+    attempts: int = 0
+    last_error: str | None = None
+
+
+#: Failed: what :meth:`Spooler._guard` returns when the spool failed.
+_FAILED: Any = object()
 
 
 class Spooler:
@@ -113,10 +124,10 @@ class Spooler:
         self.healthy = True  #: whether hooks go to the spool (else they stay in memory)
         self.errors = 0  #: failed spool transactions
         self.rows = 0  #: hooks in the spool, at the last count
-        self.flushing = 0  #: flush() calls waiting: count the rows at every cycle
+        self._flushing = 0  # flush() calls waiting: count the rows at every cycle
         self._dirty = True  # written since the last count (or never counted)
         self._closed = False
-        self._ops: deque[_Op] = deque()  # releases and deletions, in order
+        self._ops: deque[tuple[str, _Op | None]] = deque()  # releases, deletions (None)
         self._kept: deque[Delivery] = deque()  # hooks held here, to write
         self._breakers: deque[tuple[str, dict[str, Any]]] = deque()
         self._retried_deletes: dict[str, None] = {}
@@ -124,30 +135,36 @@ class Spooler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._seen = 0.0  # the newest breaker state of another process adopted
+        self._seen = 0  # the version of the newest breaker state adopted
         self._soonest = math.inf  # when the soonest hook this process spooled is due
         self._next_try = 0.0
+        self._logged_at = -math.inf  # when a failure, or its end, was last logged
+        self._told = False  # a failure was logged, and not yet its end
         self._lock = threading.Lock()  # starting, closing, and writing after close
+        self._in_flight: list[str] = []  # at close: attempts under way, kept leased
 
     # -- from any thread: queue, never block ------------------------------------------
 
     def keep(self, delivery: Delivery) -> None:
         """Write *delivery*, held by this process (the request path's one append)."""
         self._kept.append(delivery)
+        if self._thread is None:  # a waitForResponse hook may come before any other
+            self.start()
 
     def release(self, delivery: Delivery, due: float) -> None:
         """Write *delivery* for any process to send at *due* (epoch seconds)."""
-        self._ops.append(
-            (delivery.id, delivery, False, due, delivery.attempts, delivery.last_error)
-        )
+        op = _Op(delivery, False, due, delivery.attempts, delivery.last_error)
+        self._ops.append((delivery.id, op))
         if self._closed:
-            self._late()
+            self._write_late()
 
     def forget(self, delivery: Delivery) -> None:
         """*delivery* is done (delivered or given up on): remove it."""
-        self._ops.append((delivery.id, None, False, 0.0, 0, None))
+        if self._thread is None:  # never started (or could not): it wrote nothing
+            return
+        self._ops.append((delivery.id, None))
         if self._closed:
-            self._late()
+            self._write_late()
 
     def save_breaker(self, origin: str, fields: dict[str, Any]) -> None:
         """Share *origin*'s breaker state with the other processes."""
@@ -155,29 +172,45 @@ class Spooler:
 
     def idle(self) -> bool:
         """Nothing left to write, and no hook in the spool at the last count."""
-        idle = not self._ops and not self._kept
-        return idle and (not self.healthy or (not self._dirty and self.rows == 0))
+        if self._ops or self._kept:  # a hook handed over: written, or back to memory soon
+            return False
+        return self.rows == 0 and not self._dirty
+
+    def flushing(self, waiting: bool) -> None:
+        """A ``flush()`` starts (*waiting*) or ends: while one waits, the spooler writes
+        and counts at every cycle, starting now."""
+        self._flushing += 1 if waiting else -1
+        self._wake.set()
 
     def poke(self) -> None:
-        """Write and look now (a flush is waiting)."""
-        self._wake.set()
+        """Write and look now, if a flush is waiting (memory just got empty)."""
+        if self._flushing:
+            self._wake.set()
 
     # -- the thread -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread, once."""
+        """Start the thread, once; a thread that cannot start (a process limit) leaves
+        the hooks in memory, as a failing spool does, until a later call."""
         with self._lock:
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="xo-webhooks-spool", daemon=True
-                )
-                self._thread.start()
+            if self._thread is not None or self._stop.is_set():
+                return
+            thread = threading.Thread(target=self._run, name="xo-webhooks-spool", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as e:
+                self._failed(e)
+                self._dirty = False  # never counted, never written: flush() waits for memory
+                return
+            self._thread = thread
 
-    def close(self, timeout: float) -> None:
-        """Write what is queued, free the hooks this process holds (the next one sends
-        them), and stop the thread, waiting at most *timeout* seconds."""
+    def close(self, timeout: float, in_flight: Iterable[str] = ()) -> None:
+        """Write what is queued, free the hooks this process holds but those *in
+        flight* (their attempts write their outcome when they end: :meth:`_write_late`),
+        and stop the thread, waiting at most *timeout* seconds."""
         with self._lock:
             self._stop.set()
+            self._in_flight = list(in_flight)
             thread = self._thread
         self._wake.set()
         if thread is not None:
@@ -200,7 +233,7 @@ class Spooler:
                 written_at = time.monotonic()  # what was spooled before is in the file now
                 self._write()
                 due_soon = self._soonest <= time.time()
-                if self.healthy and (now >= next_poll or self.flushing or due_soon):
+                if self.healthy and (now >= next_poll or self._flushing or due_soon):
                     if now >= next_renew:
                         self._guard(lambda s: s.renew(self.owner, time.time()), writes=True)
                         next_renew = now + LEASE / 4
@@ -212,7 +245,7 @@ class Spooler:
                     next_poll = now + (0 if more else POLL_INTERVAL)
             else:
                 self._hand_back()
-            self._client.spool_looked()
+            self._client.looked()
             if stopping:
                 break
             self._wake.wait(COMMIT_INTERVAL)
@@ -228,14 +261,21 @@ class Spooler:
                 return  # it never had anything to do
             if self._usable(time.monotonic(), final=True):
                 self._write()
-                self._guard(lambda spool: spool.release(self.owner), writes=True)
+                self._guard(lambda spool: spool.release(self.owner, self._in_flight), True)
             else:
                 self._hand_back()
             self._close_file()
 
+    def _write_late(self) -> None:
+        """After close(), an attempt that was in flight has ended: write its outcome
+        now (else the next process would send a delivered hook again), from a thread
+        of its own, since the caller holds the dispatcher's lock."""
+        try:
+            threading.Thread(target=self._late, name="xo-webhooks-spool-late").start()
+        except RuntimeError:  # the interpreter is exiting: no new thread, and no wait
+            self._late()
+
     def _late(self) -> None:
-        """After close(): an attempt in flight then has ended; write its outcome now,
-        from its own thread (else the next process would send a delivered hook again)."""
         with self._lock:
             if self._usable(time.monotonic(), final=True):
                 self._write()
@@ -261,28 +301,39 @@ class Spooler:
                 self._spool = Spool(self.path)
             except (sqlite3.Error, OSError) as e:
                 self._failed(e)
+                self.rows, self._dirty = 0, False  # no hook can be sent from it: none waited for
                 return False
-        # A write says whether it works (again): a read may pass on a locked file.
-        return self._guard(lambda spool: spool.renew(self.owner, time.time()), writes=True)
+        if self._ops or self._kept or self._retried_deletes:
+            return True  # the write of what waits says whether it works again
+        # A write says so: a read may pass on a locked file.
+        renewed = self._guard(lambda spool: spool.renew(self.owner, time.time()), writes=True)
+        return renewed is not _FAILED
 
-    def _guard(self, action: Callable[[Spool], Any], writes: bool = False) -> bool:
-        """Run *action* on the spool; on failure, note it and return ``False``. A
-        successful write (*writes*) shows a failed spool works again."""
+    def _guard(self, action: Callable[[Spool], Any], writes: bool = False) -> Any:
+        """Run *action* on the spool and return what it returns; on failure, note it
+        and return :data:`_FAILED`. A write (*writes*) that works shows that a failed
+        spool works again."""
         assert self._spool is not None
         try:
-            action(self._spool)
+            result = action(self._spool)
         except (sqlite3.Error, OSError) as e:
             self._failed(e)
-            return False
+            return _FAILED
         if writes and not self.healthy:
             self.healthy = True
-            logger.info("spool %s works again: hooks are kept there again", self.path)
-        return True
+            if self._told:  # the failure was logged: so is the end of it
+                logger.info("spool %s works again: hooks are kept there again", self.path)
+                self._logged_at, self._told = time.monotonic(), False
+        return result
 
     def _failed(self, error: Exception) -> None:
         self.errors += 1
-        if self.healthy:
-            self.healthy = False
+        if not self.healthy:
+            return
+        self.healthy = False
+        now = time.monotonic()
+        if now - self._logged_at > LOG_INTERVAL:  # a full disk fails some writes, not all
+            self._logged_at, self._told = now, True
             logger.error(
                 "spool %s failed (%s: %s): hooks are kept in memory meanwhile, and it is "
                 "tried again every %g s", self.path, type(error).__name__, error, RETRY_INTERVAL,
@@ -300,14 +351,13 @@ class Spooler:
         """
         batch: dict[str, _Op | None] = dict(self._retried_deletes)
         self._retried_deletes.clear()
-        self._dirty = self._dirty or bool(self._ops) or bool(self._kept)
         while self._ops:
-            op = self._ops.popleft()
-            batch[op[0]] = None if op[1] is None else op
+            hook_id, op = self._ops.popleft()
+            batch[hook_id] = op
         while self._kept:
             delivery = self._kept.popleft()
             if delivery.id not in batch:
-                batch[delivery.id] = (delivery.id, delivery, True, 0.0, 0, None)
+                batch[delivery.id] = _Op(delivery, owned=True)
             elif batch[delivery.id] is None:
                 del batch[delivery.id]  # kept, then done: it never needs the disk
         breakers = {}
@@ -317,8 +367,11 @@ class Spooler:
         return batch, list(breakers.items())
 
     def _write(self) -> None:
+        was_dirty = self._dirty
+        self._dirty = True  # before the queue empties: idle() must not see a gap
         batch, breakers = self._take_ops()
         if not batch and not breakers:
+            self._dirty = was_dirty
             return
         now = time.time()
         rows, deleted, released = [], [], []
@@ -326,22 +379,24 @@ class Spooler:
             if op is None:
                 deleted.append(hook_id)
                 continue
-            row = self._row(op, now)
+            row = self._row(hook_id, op, now)
             if row is not None:
                 rows.append(row)
-                if not op[2]:
-                    assert op[1] is not None
-                    released.append((op[1], op[3]))
-                    self._soonest = min(self._soonest, op[3])
-        if self._guard(lambda spool: spool.write(rows, deleted, breakers, self.owner, now)):
+                if not op.owned:
+                    released.append((op.delivery, op.due))
+                    self._soonest = min(self._soonest, op.due)
+        written = self._guard(
+            lambda spool: spool.write(rows, deleted, breakers, self.owner, now), writes=True
+        )
+        if written is not _FAILED:
             return
+        self._dirty = was_dirty  # nothing changed in the file
         self._keep_deletes(deleted)
         if released:  # never lost: they go back to memory
             self._client.unspool(released)
 
-    def _row(self, op: _Op, now: float) -> Row | None:
-        hook_id, delivery, owned, due, attempts, last_error = op
-        assert delivery is not None
+    def _row(self, hook_id: str, op: _Op, now: float) -> Row | None:
+        delivery, owned, due, attempts, last_error = op
         if owned:  # as it is now: a delivery thread may have tried it meanwhile
             due, attempts, last_error = now, delivery.attempts, delivery.last_error
         try:
@@ -370,29 +425,30 @@ class Spooler:
     def _hand_back(self) -> None:
         """The spool does not work: hooks released to it go back to memory."""
         batch, _ = self._take_ops()
-        released = [(op[1], op[3]) for op in batch.values() if op is not None and not op[2]]
+        released = [(op.delivery, op.due) for op in batch.values() if op and not op.owned]
         self._keep_deletes([hook_id for hook_id, op in batch.items() if op is None])
         if released:
-            self._client.unspool(released)  # type: ignore[arg-type]
+            self._client.unspool(released)
 
     # -- reading ----------------------------------------------------------------------
 
     def _claim(self) -> bool:
         """Claim what is due (see :meth:`Spool.claim`); return whether more may be."""
         self._soonest = math.inf
-        room, held = self._client.spool_room()
+        room, held = self._client.room()
         if room <= 0:
             return False
-        claimed: list[Claimed] = []
-        self._guard(lambda spool: claimed.append(spool.claim(
+        claimed: Claimed = self._guard(lambda spool: spool.claim(
             self.owner, time.time(), room, self._per_endpoint, held, self._probe_lease
-        )))  # fmt: skip
-        if claimed and (claimed[0].due or claimed[0].expired):
+        ), writes=True)  # fmt: skip
+        if claimed is _FAILED:
+            return False
+        if claimed.due or claimed.expired:
             self._client.resume(
-                [self._delivery(m) for m in claimed[0].due],
-                [self._delivery(m) for m in claimed[0].expired],
+                [self._delivery(m) for m in claimed.due],
+                [self._delivery(m) for m in claimed.expired],
             )
-        return bool(claimed) and claimed[0].more
+        return claimed.more
 
     def _delivery(self, message: dict[str, Any]) -> Delivery:
         delivery = self._make_delivery(message)
@@ -400,25 +456,21 @@ class Spooler:
         return delivery
 
     def _adopt_breakers(self) -> None:
-        found: list[list[tuple[str, dict[str, Any], float]]] = []
-        self._guard(lambda s: found.append(s.breakers(self._seen, self.owner, time.time())))
-        for origin, fields, updated in found[0] if found else []:
+        found = self._guard(lambda spool: spool.breakers(self._seen, self.owner, time.time()))
+        for origin, fields, version in [] if found is _FAILED else found:
             self._client.adopt(origin, fields)
-            self._seen = max(self._seen, updated)
+            self._seen = max(self._seen, version)
 
     def _count(self, written_at: float) -> None:
-        counted: list[int] = []
-        dirty, self._dirty = self._dirty, False
-        if self._guard(lambda spool: counted.append(spool.count())):
-            self.rows = counted[0]
-        else:
-            self._dirty = dirty
-        self._client.forget_pres(written_at, lambda ids: self._holds(ids))
+        counted = self._guard(lambda spool: spool.count())
+        if counted is not _FAILED:
+            self.rows = counted  # before it is said clean: idle() reads both
+            self._dirty = False
+        self._client.forget_pres(written_at, self._holds)
 
     def _holds(self, ids: list[str]) -> set[str]:
-        found: list[set[str]] = []
-        self._guard(lambda spool: found.append(spool.holds(ids)))
-        return found[0] if found else set(ids)
+        found = self._guard(lambda spool: spool.holds(ids))
+        return set(ids) if found is _FAILED else found
 
     def __repr__(self) -> str:
         return f"<Spooler {mask_url(self.path)} healthy={self.healthy} rows={self.rows}>"
