@@ -261,8 +261,8 @@ class WebhookReceiver:
         return response, delay, headers
 
     def _check(self, payload: Any) -> str | None:
-        if not (self._validate and isinstance(payload, dict) and "type" in payload):
-            return None
+        if not (self._validate and _is_hook_payload(payload)):
+            return None  # another format (a Teams or Slack message): not the schema's
         error = best_match(validator("hook-payload").iter_errors(payload))
         return None if error is None else f"{error.json_path}: {error_message(error)}"
 
@@ -426,10 +426,15 @@ def _check_response(response: object) -> None:
         raise ValueError(f"a response is a status code or {CLOSE!r}, not {response!r}")
 
 
+def _is_hook_payload(body: Any) -> bool:
+    """Whether *body* is a ``json``-format hook payload (a pre or a post)."""
+    return isinstance(body, dict) and body.get("type") in ("pre", "post")
+
+
 def _describe(hook: ReceivedHook) -> str:
     """``vm.start pre callId=abc -> 204``, for assertion messages."""
     p = hook.payload
-    if isinstance(p, dict) and "type" in p:
+    if _is_hook_payload(p):
         what = f"{p.get('method')} {p.get('type')} callId={p.get('callId')}"
     else:
         what = f"{hook.method} {hook.path} {hook.body[:60]!r}"

@@ -9,6 +9,11 @@ one fact per payload field, non-string values JSON-encoded.
 ``slack`` sends a Slack incoming-webhook message: a one-line ``text`` summary (also the
 notification fallback) and Block Kit section blocks with the params and the result or
 error as code blocks, truncated to Slack's 3,000-character limit per text object.
+
+``teams`` sends a Microsoft Teams Workflows message (the replacement for Office 365
+connectors, which Workflows do not accept): one Adaptive Card 1.4 attachment with the
+``office365`` card's information: the same title, the one-line summary in the outcome's
+colour, and a FactSet of the same facts.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from typing import Any
 
 __all__ = ["FORMATS", "render", "serialize"]
 
-FORMATS = ("json", "office365", "slack")
+FORMATS = ("json", "office365", "slack", "teams")
 
 # https://api.slack.com/reference/block-kit/blocks#section: a section's text holds 3000 chars.
 SLACK_TEXT_LIMIT = 3000
 TRUNCATED = "\n… (truncated)"
 # MessageCard colours: XO's red for failures, neutral blue for pre, green for success.
 THEME_PRE, THEME_OK, THEME_FAILED = "0072C6", "2EB67D", "BE1621"
+# Adaptive Card TextBlock colours (named, the host theme picks the shade): the same blue,
+# green and red meaning as the MessageCard's.
+COLOR_PRE, COLOR_OK, COLOR_FAILED = "Accent", "Good", "Attention"
 
 
 def render(payload: dict[str, Any], fmt: str = "json") -> Any:
@@ -40,6 +48,8 @@ def render(payload: dict[str, Any], fmt: str = "json") -> Any:
         return _office365(payload)
     if fmt == "slack":
         return _slack(payload)
+    if fmt == "teams":
+        return _teams(payload)
     raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
 
 
@@ -70,24 +80,72 @@ def _dumps(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, default=str)
 
 
+def _outcome(payload: dict[str, Any]) -> str:
+    """``"pre"``, ``"ok"`` or ``"failed"``: what the card's colour tells."""
+    if payload.get("type") != "post":
+        return "pre"
+    return "failed" if payload.get("error") is not None else "ok"
+
+
+def _title(payload: dict[str, Any]) -> str:
+    return f"XO {str(payload.get('type', '')).upper()} notification"
+
+
+def _facts(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """One ``(name, value)`` per payload field, in order; non-strings JSON-encoded as XO does."""
+    return [
+        (key, value if isinstance(value, str) else _dumps(value)) for key, value in payload.items()
+    ]
+
+
 def _office365(payload: dict[str, Any]) -> dict[str, Any]:
     # https://learn.microsoft.com/en-us/outlook/actionable-messages/message-card-reference
-    if payload.get("type") != "post":
-        color = THEME_PRE
-    else:
-        color = THEME_FAILED if payload.get("error") is not None else THEME_OK
-    facts = [
-        {"name": key, "value": value if isinstance(value, str) else _dumps(value)}
-        for key, value in payload.items()
-    ]
+    color = {"pre": THEME_PRE, "ok": THEME_OK, "failed": THEME_FAILED}[_outcome(payload)]
     return {
         "@type": "MessageCard",
         "@context": "https://schema.org/extensions",
         "summary": _summary(payload),
         "themeColor": color,
         "sections": [
-            {"title": f"XO {str(payload.get('type', '')).upper()} notification"},
-            {"facts": facts},
+            {"title": _title(payload)},
+            {"facts": [{"name": name, "value": value} for name, value in _facts(payload)]},
+        ],
+    }
+
+
+def _teams(payload: dict[str, Any]) -> dict[str, Any]:
+    # The message a Workflows "when a Teams webhook request is received" trigger posts:
+    # https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/connectors-using
+    # Card schema: https://adaptivecards.io/explorer/ (1.4, the highest Teams renders everywhere).
+    color = {"pre": COLOR_PRE, "ok": COLOR_OK, "failed": COLOR_FAILED}[_outcome(payload)]
+    card = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [
+            {
+                "type": "TextBlock",
+                "text": _title(payload),
+                "size": "Medium",
+                "weight": "Bolder",
+                "wrap": True,
+            },
+            {"type": "TextBlock", "text": _summary(payload), "color": color, "wrap": True},
+            {
+                "type": "FactSet",
+                "facts": [{"title": name, "value": value} for name, value in _facts(payload)],
+            },
+        ],
+        "msteams": {"width": "Full"},  # room for the JSON-encoded params and result
+    }
+    return {
+        "type": "message",
+        "attachments": [
+            {
+                "contentType": "application/vnd.microsoft.card.adaptive",
+                "contentUrl": None,
+                "content": card,
+            }
         ],
     }
 
