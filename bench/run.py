@@ -33,9 +33,10 @@ import receivers  # noqa: E402
 import request_path  # noqa: E402
 import spool  # noqa: E402
 import throughput  # noqa: E402
+import validation  # noqa: E402
 from common import Row, render_table  # noqa: E402
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C", "10", "9")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C", "10", "11", "9")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -168,6 +169,11 @@ def main(argv: list[str]) -> int:
             print(f"receiver for 10: {receiver} at {url}", flush=True)
             step("10 spool cost", spool.run, url, args.rounds, args.request_rounds,
                  max(1, args.hooks // args.rounds // 2), receiver)  # fmt: skip
+    if "11" in only:
+        with receivers.any_fast_receiver(args.receiver) as (url, receiver):
+            print(f"receiver for 11: {receiver} at {url}", flush=True)
+            step("11 payload validation cost per hook", validation.run, url,
+                 args.rounds * 3, args.hooks // args.rounds // 2, receiver)  # fmt: skip
     if "9" in only:  # last: it sets OpenTelemetry's global tracer provider, for good
         if observability.missing():
             print(f"9 skipped: {', '.join(observability.missing())} not installed "

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "brokerUrl": None,
     "metricsPort": None,
     "spool": None,
+    "transport": "http",
+    "validate": False,  # nearly doubles a delivery's CPU: see the README
 }
 #: Seconds before each retry by default (5s,5m,30m,2h,5h,10h,10h): 27 h 35 min, as
 #: the Standard Webhooks spec asks for a schedule spanning more than a day.
@@ -68,6 +70,8 @@ DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 #: The exponential shorthand (``XO_WEBHOOKS_RETRIES`` and ``XO_WEBHOOKS_BACKOFF``):
 #: their defaults when only one is given, and the cap of each delay, in seconds.
 SHORTHAND_RETRIES, SHORTHAND_BACKOFF, SHORTHAND_CAP = 5, 1.0, 60.0
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}  # fmt: skip
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -79,7 +83,7 @@ class Hook:
         of characters, dots included (``vm.*`` matches ``vm.start`` and ``vm.snapshot.create``).
     :param type: ``"pre"``, ``"post"`` or ``"pre/post"``.
     :param url: the http(s) URL the POST goes to; its query string is kept.
-    :param format: ``"json"`` (default), ``"office365"`` or ``"slack"``.
+    :param format: ``"json"`` (default), ``"office365"``, ``"slack"`` or ``"teams"``.
     :param wait_for_response: pre only: the call starts once the pre hook's first
         attempt has completed or timed out.
     :param secret: a ``whsec_`` signing secret for this hook (overrides the global one).
@@ -145,6 +149,8 @@ class Settings:
     broker_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
     spool: str | None = None
+    transport: str = "http"
+    validate: bool = False
 
     def __post_init__(self) -> None:
         if not self.endpoint_concurrency:
@@ -246,6 +252,8 @@ def _parse_env(name: str, raw: str, key: str) -> Any:
         return parse_durations(text, name)
     if kind == "array":
         return [word.strip() for word in text.split(",") if word.strip()]
+    if kind == "boolean":  # 1/0, true/false, yes/no, on/off; anything else is rejected
+        return BOOLEANS.get(text.lower(), raw)
     try:
         if kind == "integer":
             return int(text)

@@ -9,10 +9,13 @@ streamed to the client unchanged while a capped copy of it feeds the post hooks.
 from __future__ import annotations
 
 import copy
+import decimal
 import functools
 import logging
 import re
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from .wsgi import Capture, ObservedResponse, read_body
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+    from ..sending.transport import SessionFactory
+
     OutcomeOf = Callable[["_TrackedCall"], Outcome]
 
 __all__ = ["WebhookMiddleware", "remote_user", "USER_ENVIRON_KEY"]
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 USER_ENVIRON_KEY = "xo_webhooks.user"
 UserResolver = Callable[["WSGIEnvironment"], User | None]
 NO_USER: User = (None, None)
+_LATE_USER = f'environ["{USER_ENVIRON_KEY}"]'  # where the app sets a late user, for the log
 # How a request's method names stand in its bytes when it has no JSON escapes.
 _METHOD_MEMBER = re.compile(rb'"method"\s*:\s*"([^"\\]*)"')
 
@@ -89,7 +95,12 @@ class WebhookMiddleware:
         ``XO_WEBHOOKS_HOOKS`` or the file named by ``XO_WEBHOOKS_CONFIG``.
     :param user_resolver: ``f(environ) -> (user_id, user_name) | None``; by default
         ``REMOTE_USER``. The app may also set ``environ["xo_webhooks.user"]`` during a
-        call, and the post hook uses it.
+        call, and the post hook uses it. Each of id and name is a ``str`` or ``None``
+        (the payload schema's ``userId`` and ``userName``); an id that is a number or a
+        UUID (the keys of many user tables) is converted with ``str()``. Anything else
+        (not a pair, a ``dict``, a ``bool`` or ``bytes`` id, a name that is not a
+        string) is logged once and the hook gets no user (``null``, ``null``); if the
+        resolver raises, likewise.
     :param dispatcher: what delivers the hooks; by default a :class:`ThreadDispatcher`
         (or the Celery one with ``XO_WEBHOOKS_DISPATCHER=celery``, or
         ``dispatcher="celery"``: a string is that setting).
@@ -97,6 +108,9 @@ class WebhookMiddleware:
         dead-letter record of each hook given up on, once the store was written (also
         when there is none, or it failed); for alerting, or a store of your own. If it
         raises, that is logged and delivery goes on.
+    :param session_factory: a callable returning the ``requests.Session`` each delivery
+        thread sends with (your adapters, client certificates, auth); giving it selects
+        the ``requests`` transport.
     :param environ: the environment to configure from (``os.environ`` by default).
     :param settings: any setting in snake_case (``timeout=2.5``, ``max_workers=8``,
         ``max_body=...``, ``retries=...``, ``dead_letter=...``); wins over the
@@ -118,6 +132,7 @@ class WebhookMiddleware:
         user_resolver: UserResolver | None = None,
         dispatcher: Dispatcher | str | None = None,
         on_give_up: Callable[[dict[str, Any]], object] | None = None,
+        session_factory: SessionFactory | None = None,
         environ: Mapping[str, str] | None = None,
         **settings: Any,
     ) -> None:
@@ -132,7 +147,9 @@ class WebhookMiddleware:
         self._paths = self.settings.paths or ("",)  # "" starts every path
         self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
         self.user_resolver = user_resolver or remote_user
-        self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings)
+        self._bad_users: set[str] = set()  # where an unusable user came from, logged once
+        self._bad_users_lock = threading.Lock()
+        self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
         # Called on the first request: a process that serves calls sends what waits in
         # the spool even before a call of its own has a hook (never one that only forks).
         self._first_request: Callable[[], None] | None = getattr(self.dispatcher, "start", None)
@@ -219,10 +236,26 @@ class WebhookMiddleware:
                 call.result = run_backup()
 
         If the block raises, the post hook carries the error and the exception goes on.
+
+        :param method: the name the hooks match, as a JSON-RPC method (non-empty).
+        :param params: as JSON-RPC has them: a ``dict`` (by name) or a ``list`` (by
+            position; a ``tuple`` or another mapping is converted); ``None`` sends ``{}``.
+        :param user: ``(user_id, user_name)``, as a ``user_resolver`` returns it (an id
+            that is a number or a UUID is converted with ``str()``).
+        :raises ValueError: when *method* is empty.
+        :raises TypeError: when *method* is not a string, *params* is a scalar (wrap it:
+            ``{"job": "nightly"}`` or ``["nightly"]``), or *user* is not such a pair.
+            These are raised on entering the block, whether or not a hook matches: the
+            hooks' consumers would reject such a payload.
         """
+        if not isinstance(method, str):
+            raise TypeError(f"middleware.call(): method must be a str, not {type(method).__name__}")
+        if not method:
+            raise ValueError("middleware.call(): method must not be empty, e.g. 'backup.run'")
+        user = _user_of(user)
         record = CallResult()
         # Copies: the payloads are serialised later, on another thread.
-        entry = Call(method, _copy({} if params is None else params, "params", {}))
+        entry = Call(method, _copy(_call_params(params), "params", {}))
         tracked = self._start(self._matched([entry]), user or NO_USER, capture_trace())
         try:
             yield record
@@ -248,11 +281,26 @@ class WebhookMiddleware:
         if not matched:
             return []
         try:
-            user = self.user_resolver(environ) or NO_USER
+            resolved = self.user_resolver(environ)
         except Exception:
             logger.exception("the xo-webhooks user_resolver failed; sending no user")
-            user = NO_USER
+            resolved = None
+        user = self._usable_user(resolved, "the user_resolver") or NO_USER
         return self._start(matched, user, capture_trace(environ))
+
+    def _usable_user(self, value: Any, source: str) -> User | None:
+        """*value* as ``(user_id, user_name)`` (see :func:`_user_of`); ``None``, logged
+        once per *source*, when it cannot be one."""
+        try:
+            return _user_of(value)
+        except TypeError as e:
+            with self._bad_users_lock:  # once: it is the app's bug, the same every call
+                first = source not in self._bad_users
+                self._bad_users.add(source)
+            if first:
+                logger.warning("%s gave an unusable user (%s); sending no user "
+                               "(logged once)", source, e)  # fmt: skip
+            return None
 
     def _matched(self, calls: list[Call]) -> list[tuple[Call, tuple[Hook, ...]]]:
         """The calls that trigger hooks, each with its hooks."""
@@ -355,7 +403,7 @@ class WebhookMiddleware:
     ) -> None:
         """Queue the post hooks of *tracked* calls."""
         end = time.monotonic()
-        late_user = _as_user(environ.get(USER_ENVIRON_KEY))
+        late_user = self._usable_user(environ.get(USER_ENVIRON_KEY), _LATE_USER)
         for entry in tracked:
             build = entry.post_builder(end, outcome_of, late_user or entry.user)
             for hook in entry.hooks:
@@ -426,12 +474,54 @@ def _copy(value: Any, what: str, fallback: Any) -> Any:
         return fallback
 
 
-def _as_user(value: Any) -> User | None:
-    """``environ["xo_webhooks.user"]`` when the app set it to ``(id, name)``."""
-    is_pair = isinstance(value, (tuple, list)) and len(value) == 2
-    if is_pair and all(v is None or isinstance(v, str) for v in value):
-        return (value[0], value[1])
-    return None
+#: User ids converted with ``str()``: the integer and UUID keys of user tables.
+_ID_TYPES = (int, float, decimal.Decimal, uuid.UUID)
+
+
+def _user_of(value: Any) -> User | None:
+    """*value* (a ``user_resolver``'s result, ``environ["xo_webhooks.user"]``, or
+    ``call(user=...)``) as the payload's ``(userId, userName)``: ``None`` for ``None``;
+    a pair (tuple or list) of ``str`` or ``None``, its id converted with ``str()`` when
+    it is a number or a UUID (never a ``bool``: ``True`` is no id).
+
+    :raises TypeError: for anything else, saying what it is (never its value: it may
+        be a session object).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"expected (user_id, user_name) or None, got {_kind(value)}")
+    user_id, user_name = value
+    if isinstance(user_id, _ID_TYPES) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if not (user_id is None or isinstance(user_id, str)):
+        raise TypeError(f"the user id is {type(user_id).__name__}, not str or None")
+    if not (user_name is None or isinstance(user_name, str)):
+        raise TypeError(f"the user name is {type(user_name).__name__}, not str or None")
+    return (user_id, user_name)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
+def _call_params(params: Any) -> dict[str, Any] | list[Any]:
+    """``call()``'s *params* as the payload schema has them: an object or an array."""
+    if params is None:
+        return {}
+    if isinstance(params, (dict, list)):
+        return params
+    if isinstance(params, tuple):
+        return list(params)
+    if isinstance(params, Mapping):
+        return dict(params)
+    raise TypeError(
+        f"middleware.call(): params must be a dict (by name) or a list (by position), "
+        f"as in JSON-RPC, not {type(params).__name__}; wrap it, e.g. "
+        f"params={{'job': ...}} or [...]"
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -281,7 +281,7 @@ class Worker:
             return "delivered"
         delivery.failed(attempt)
         delay = self.policy.next_delay(delivery.attempts, attempt)
-        reason = "retries_exhausted" if attempt.retryable else "final_answer"
+        reason = "retries_exhausted" if attempt.retryable else attempt.reason or "final_answer"
         if breaker.state == "disabled":
             delivery.last_error = breaker.unavailable(origin)
             reason = "gone"

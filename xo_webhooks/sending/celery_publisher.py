@@ -138,7 +138,10 @@ class CeleryDispatcher:
         if delay is not None:
             self._hand_over(delivery, countdown=delay)
         else:
-            self._give_up(delivery, "retries_exhausted" if attempt.retryable else "final_answer")
+            self._give_up(
+                delivery,
+                "retries_exhausted" if attempt.retryable else attempt.reason or "final_answer",
+            )
         return False
 
     def start(self) -> None:

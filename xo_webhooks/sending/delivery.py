@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import signing
 from .._text import describe_error
@@ -23,9 +23,13 @@ from ..config import Hook, Settings
 from .formats import serialize
 from .policy import Attempt, judge_answer, judge_failure
 from .redaction import redact_payload
-from .transport import Transport
+from .transport import SessionFactory, Transport
+from .validation import PayloadCheck
 
-__all__ = ["Delivery", "Sender", "new_id", "USER_AGENT"]
+__all__ = ["Delivery", "Sender", "new_id", "make_transport", "USER_AGENT"]
+
+if TYPE_CHECKING:
+    from .transport_requests import RequestsTransport
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +165,14 @@ class Delivery:
     def failed(self, attempt: Attempt) -> None:
         """Note a failed attempt: its error, and a warning in the log."""
         self.last_error = attempt.error
-        logger.warning(
-            "hook %s failed (attempt %d): %s", self.describe(), self.attempts, self.last_error
+        # An invalid payload is logged once per method where it is found, not per hook.
+        level = logging.DEBUG if attempt.reason == "invalid_payload" else logging.WARNING
+        logger.log(
+            level,
+            "hook %s failed (attempt %d): %s",
+            self.describe(),
+            self.attempts,
+            self.last_error,
         )
 
     def describe(self) -> str:
@@ -199,15 +209,32 @@ class Delivery:
         )
 
 
+def make_transport(
+    settings: Settings, session_factory: SessionFactory | None = None
+) -> Transport | RequestsTransport:
+    """The transport *settings* ask for: ``http`` (:class:`Transport`), or ``requests``
+    (also whenever a *session_factory* is given)."""
+    if settings.transport == "requests" or session_factory is not None:
+        from .transport_requests import RequestsTransport
+
+        return RequestsTransport(settings.timeout, settings.ca_bundle, session_factory)
+    return Transport(settings.timeout, settings.ca_bundle)
+
+
 class Sender:
     """Makes one delivery attempt over HTTP (see :mod:`.transport`).
 
-    :param settings: timeout, CA bundle and redaction words come from here.
+    :param settings: timeout, CA bundle, transport, redaction words and whether to
+        validate ``json`` payloads against the payload schema come from here.
+    :param session_factory: makes the ``requests.Session`` of each delivery thread
+        (then the ``requests`` transport is used, whatever the setting).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, session_factory: SessionFactory | None = None) -> None:
         self.settings = settings
-        self.transport = Transport(settings.timeout, settings.ca_bundle)
+        self.transport = make_transport(settings, session_factory)
+        #: The schema check of ``json`` payloads (``XO_WEBHOOKS_VALIDATE``), or ``None``.
+        self.check = PayloadCheck() if settings.validate else None
 
     def reset(self) -> None:
         """Forget every connection, e.g. in a child process after a fork."""
@@ -245,6 +272,13 @@ class Sender:
     def _send(self, delivery: Delivery) -> Attempt:
         delivery.attempts += 1
         try:
+            if delivery.body is None and self.check is not None and delivery.hook.format == "json":
+                # Checked as it will be sent (redacted), before it is serialised and
+                # signed; once per delivery: a retry sends the body already checked.
+                delivery.redact(self.settings.redact)
+                invalid = self.check.check(delivery.payload)
+                if invalid is not None:
+                    return invalid
             body = delivery.prepare(self.settings.redact)
         except Exception as e:  # e.g. a payload nested too deeply to encode
             return Attempt(False, f"cannot encode the payload: {type(e).__name__}")

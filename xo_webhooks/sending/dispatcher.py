@@ -37,6 +37,7 @@ from .observers import Observers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
 from .recorder import Recorder
 from .spooler import SpoolClient, Spooler
+from .transport import SessionFactory
 
 __all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 
@@ -622,7 +623,7 @@ class ThreadDispatcher:
                     delivery.reason = (
                         "shutdown" if delay is not None
                         else "retries_exhausted" if attempt.retryable
-                        else "final_answer"
+                        else attempt.reason or "final_answer"
                     )  # fmt: skip
                     gone.append(delivery)
         log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
@@ -720,10 +721,14 @@ def _unavailable(lane: Lane, delivery: Delivery) -> None:
     delivery.last_error = lane.breaker.unavailable(lane.origin)
 
 
-def make_dispatcher(settings: Settings) -> Dispatcher:
-    """The dispatcher *settings* ask for (``thread`` or ``celery``)."""
+def make_dispatcher(
+    settings: Settings, session_factory: SessionFactory | None = None
+) -> Dispatcher:
+    """The dispatcher *settings* ask for (``thread`` or ``celery``); the thread one's
+    sender uses *session_factory* (see :class:`.Sender`). Celery workers build their
+    own sender, from the settings alone."""
     if settings.dispatcher == "celery":  # imported only when asked: an optional extra
         from .celery_publisher import CeleryDispatcher
 
         return CeleryDispatcher(settings)
-    return ThreadDispatcher(settings)
+    return ThreadDispatcher(settings, sender=Sender(settings, session_factory))

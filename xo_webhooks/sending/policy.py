@@ -68,9 +68,11 @@ STAT_NAMES = (
 #: Why a hook was given up on (``Delivery.reason``, the metrics' ``reason`` label): its
 #: schedule ran out (retryable failures, or its endpoint down all along), an answer not
 #: worth a retry, the queue (or its endpoint's share) was full, the endpoint answered
-#: ``410 Gone``, the dispatcher was shutting down, the Celery broker could not take it.
+#: ``410 Gone``, the dispatcher was shutting down, the Celery broker could not take it,
+#: the payload schema rejected the payload (``XO_WEBHOOKS_VALIDATE``: never sent).
 GIVE_UP_REASONS = (
     "retries_exhausted", "final_answer", "queue_full", "gone", "shutdown", "broker",
+    "invalid_payload",
 )  # fmt: skip
 #: Seconds between two log lines about hooks given up on, of each kind (kept, lost): a
 #: receiver that is down would otherwise write one line per hook.
@@ -86,6 +88,9 @@ class Attempt:
     :param retryable: another attempt may succeed.
     :param retry_after: seconds the receiver asked to wait (``Retry-After``), capped.
     :param status: the HTTP status, when there was an answer.
+    :param reason: why a final failure gives the hook up, when it is not the answer
+        itself (``"final_answer"``): one of :data:`GIVE_UP_REASONS`, e.g.
+        ``"invalid_payload"`` for a payload never sent.
     """
 
     delivered: bool
@@ -93,6 +98,7 @@ class Attempt:
     retryable: bool = False
     retry_after: float | None = None
     status: int | None = None
+    reason: str | None = None
 
 
 def judge_answer(status: int, retry_after: str | None = None) -> Attempt:

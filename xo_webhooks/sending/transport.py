@@ -21,16 +21,25 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import certifi
 
 from .._urls import mask_url, parse_http_url
 
-__all__ = ["Transport", "Route", "MAX_RESPONSE"]
+__all__ = ["Transport", "Route", "MAX_RESPONSE", "SessionFactory"]
 
 MAX_RESPONSE = 64 * 1024  # bytes of a receiver's answer read; a longer one ends the connection
+
+if TYPE_CHECKING:
+    import requests
+
+
+#: Makes the ``requests.Session`` of a delivery thread (mounted adapters, client
+#: certificates, auth of the user's own).
+SessionFactory = Callable[[], "requests.Session"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""Checks ``json``-format payloads against ``schemas/hook-payload.schema.json`` before
+they are signed and sent (``XO_WEBHOOKS_VALIDATE``, on by default).
+
+The check runs on the delivery thread, never on the request path: the payload is
+checked once it is built and redacted, as it will be serialised. An invalid payload
+is not sent: its attempt is final, so the dispatcher gives the hook up at once (reason
+``invalid_payload``) and dead-letters it with the schema error as ``lastError``. The
+receivers of other formats (Slack, Office 365) get no payload of this schema, and are
+not checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from jsonschema.exceptions import best_match
+
+from ..schema import error_message, validator
+from .policy import Attempt
+
+__all__ = ["PayloadCheck", "INVALID_PAYLOAD", "MAX_LOGGED_METHODS"]
+
+logger = logging.getLogger(__name__)
+
+#: The give-up reason of a hook whose payload the schema rejects.
+INVALID_PAYLOAD = "invalid_payload"
+#: Methods whose invalid payloads are logged (once each); past that, those of other
+#: methods are still dead-lettered, and the dead-letter log still tells of them.
+MAX_LOGGED_METHODS = 1024
+
+
+class PayloadCheck:
+    """The schema check of the hook payloads one sender sends.
+
+    The compiled validator is built once per process (:func:`xo_webhooks.schema.validator`
+    caches it) and shared by every delivery thread: it keeps no state of its own
+    between calls. A valid payload costs one ``is_valid`` pass; only an invalid one
+    pays for finding the most relevant error.
+    """
+
+    def __init__(self) -> None:
+        self._validator = validator("hook-payload")
+        self._lock = threading.Lock()
+        self._logged: set[str] = set()  # methods whose invalid payloads were logged
+
+    def problem(self, payload: Any) -> str | None:
+        """Why *payload* is not a valid hook payload (``invalid payload at $.userId:
+        42 is not of type 'string', 'null'``), or ``None`` when it is."""
+        if self._validator.is_valid(payload):
+            return None
+        error = best_match(self._validator.iter_errors(payload))
+        return f"invalid payload at {error.json_path}: {error_message(error)}"
+
+    def check(self, payload: Any) -> Attempt | None:
+        """``None`` when *payload* may be sent; else the final :class:`Attempt` that
+        stands for it (no answer, not worth a retry: the breaker learns nothing), with
+        a warning logged the first time a payload of its method is invalid."""
+        problem = self.problem(payload)
+        if problem is None:
+            return None
+        method = payload.get("method") if isinstance(payload, dict) else None
+        self._warn(str(method), problem)
+        return Attempt(False, problem, reason=INVALID_PAYLOAD)
+
+    def _warn(self, method: str, problem: str) -> None:
+        with self._lock:  # once per method: an app bug would otherwise flood the log
+            if method in self._logged or len(self._logged) >= MAX_LOGGED_METHODS:
+                return
+            self._logged.add(method)
+        logger.warning(
+            "not sending the hooks of %s whose payload the schema rejects (they are "
+            "dead-lettered; logged once per method): %s",
+            method, problem,
+        )  # fmt: skip
