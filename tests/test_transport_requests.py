@@ -148,8 +148,12 @@ def reset_error():
                      id="connection-error"),
         pytest.param(requests.exceptions.ChunkedEncodingError("bad chunk"), ConnectionError,
                      "bad chunk", id="broken-answer"),
-        pytest.param(requests.exceptions.InvalidHeader("bad header"), ValueError, "bad header",
-                     id="bad-input"),
+        pytest.param(requests.exceptions.InvalidHeader("in header value: ' Bearer xyz'"),
+                     ValueError, "InvalidHeader (not shown: it may quote a secret)",
+                     id="bad-input-not-quoted"),
+        pytest.param(requests.ConnectionError("Max retries exceeded with url: /h?sig=SECRET"),
+                     ConnectionError, "Max retries exceeded with url: /h?...",
+                     id="query-masked"),
     ],
 )  # fmt: skip
 def test_failures_are_raised_as_http_client_raises_them(raised, expected, text, mocked):
@@ -257,3 +261,22 @@ def test_a_signed_hook_through_the_sender(mocked):
     headers = mocked.calls[0].request.headers
     assert headers["webhook-id"] == delivery.id
     assert headers["webhook-signature"].startswith("v1,")
+
+
+def test_a_session_factory_is_for_the_thread_dispatcher_only():
+    """Celery workers build their own sender from the settings: they cannot take a
+    callable, and a waitForResponse hook would go out without the user's adapters."""
+    from xo_webhooks import ConfigError, WebhookMiddleware
+
+    def app(environ, start_response):  # never called
+        raise AssertionError
+
+    hooks = [{"method": "*", "type": "pre", "url": "http://127.0.0.1:9/"}]
+    with pytest.raises(ConfigError, match="session_factory: only the thread dispatcher"):
+        WebhookMiddleware(
+            app, hooks, session_factory=requests.Session, environ={},
+            dispatcher="celery", broker_url="redis://127.0.0.1:9/0",
+        )  # fmt: skip
+    threads = WebhookMiddleware(app, hooks, session_factory=requests.Session, environ={})
+    assert type(threads.dispatcher.sender.transport).__name__ == "RequestsTransport"
+    threads.close(0)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .._text import describe_error
 from .._trace import capture as capture_trace
 from ..config import Hook, Settings, load_settings
+from ..errors import ConfigError
 from ..sending.delivery import Delivery, new_id
 from ..sending.dispatcher import Dispatcher, make_dispatcher
 from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
@@ -96,7 +97,7 @@ class WebhookMiddleware:
     :param user_resolver: ``f(environ) -> (user_id, user_name) | None``; by default
         ``REMOTE_USER``. The app may also set ``environ["xo_webhooks.user"]`` during a
         call, and the post hook uses it. Each of id and name is a ``str`` or ``None``
-        (the payload schema's ``userId`` and ``userName``); an id that is a number or a
+        (the payload schema's ``userId`` and ``userName``); an id that is an integer or a
         UUID (the keys of many user tables) is converted with ``str()``. Anything else
         (not a pair, a ``dict``, a ``bool`` or ``bytes`` id, a name that is not a
         string) is logged once and the hook gets no user (``null``, ``null``); if the
@@ -108,9 +109,9 @@ class WebhookMiddleware:
         dead-letter record of each hook given up on, once the store was written (also
         when there is none, or it failed); for alerting, or a store of your own. If it
         raises, that is logged and delivery goes on.
-    :param session_factory: a callable returning the ``requests.Session`` each delivery
-        thread sends with (your adapters, client certificates, auth); giving it selects
-        the ``requests`` transport.
+    :param session_factory: a callable returning a new ``requests.Session`` on each
+        call, which a delivery thread sends with (your adapters, client certificates,
+        auth); giving it selects the ``requests`` transport (thread dispatcher only).
     :param environ: the environment to configure from (``os.environ`` by default).
     :param settings: any setting in snake_case (``timeout=2.5``, ``max_workers=8``,
         ``max_body=...``, ``retries=...``, ``dead_letter=...``); wins over the
@@ -142,6 +143,11 @@ class WebhookMiddleware:
         self.settings: Settings = load_settings(
             None if hooks is None else list(hooks), environ, **settings
         )
+        if session_factory is not None and (dispatcher or self.settings.dispatcher != "thread"):
+            raise ConfigError(
+                "session_factory: only the thread dispatcher sends from this process; "
+                "Celery workers (or a dispatcher of your own) cannot take a callable"
+            )
         self.table = HookTable(self.settings.hooks)
         self._enabled = bool(self.table)
         self._paths = self.settings.paths or ("",)  # "" starts every path
@@ -241,7 +247,7 @@ class WebhookMiddleware:
         :param params: as JSON-RPC has them: a ``dict`` (by name) or a ``list`` (by
             position; a ``tuple`` or another mapping is converted); ``None`` sends ``{}``.
         :param user: ``(user_id, user_name)``, as a ``user_resolver`` returns it (an id
-            that is a number or a UUID is converted with ``str()``).
+            that is an integer or a UUID is converted with ``str()``).
         :raises ValueError: when *method* is empty.
         :raises TypeError: when *method* is not a string, *params* is a scalar (wrap it:
             ``{"job": "nightly"}`` or ``["nightly"]``), or *user* is not such a pair.
@@ -475,14 +481,15 @@ def _copy(value: Any, what: str, fallback: Any) -> Any:
 
 
 #: User ids converted with ``str()``: the integer and UUID keys of user tables.
-_ID_TYPES = (int, float, decimal.Decimal, uuid.UUID)
+_ID_TYPES = (int, decimal.Decimal, uuid.UUID)  # not float: NaN would become "nan"
 
 
 def _user_of(value: Any) -> User | None:
     """*value* (a ``user_resolver``'s result, ``environ["xo_webhooks.user"]``, or
     ``call(user=...)``) as the payload's ``(userId, userName)``: ``None`` for ``None``;
     a pair (tuple or list) of ``str`` or ``None``, its id converted with ``str()`` when
-    it is a number or a UUID (never a ``bool``: ``True`` is no id).
+    it is an integer, a ``Decimal`` or a UUID (never a ``bool``: ``True`` is no id; never
+    a float: NaN is no id either).
 
     :raises TypeError: for anything else, saying what it is (never its value: it may
         be a session object).

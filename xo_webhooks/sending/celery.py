@@ -281,7 +281,7 @@ class Worker:
             return "delivered"
         delivery.failed(attempt)
         delay = self.policy.next_delay(delivery.attempts, attempt)
-        reason = "retries_exhausted" if attempt.retryable else attempt.reason or "final_answer"
+        reason = attempt.give_up_reason
         if breaker.state == "disabled":
             delivery.last_error = breaker.unavailable(origin)
             reason = "gone"

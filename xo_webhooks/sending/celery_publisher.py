@@ -138,10 +138,7 @@ class CeleryDispatcher:
         if delay is not None:
             self._hand_over(delivery, countdown=delay)
         else:
-            self._give_up(
-                delivery,
-                "retries_exhausted" if attempt.retryable else attempt.reason or "final_answer",
-            )
+            self._give_up(delivery, attempt.give_up_reason)
         return False
 
     def start(self) -> None:

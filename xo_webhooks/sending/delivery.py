@@ -24,7 +24,7 @@ from .formats import serialize
 from .policy import Attempt, judge_answer, judge_failure
 from .redaction import redact_payload
 from .transport import SessionFactory, Transport
-from .validation import PayloadCheck
+from .validation import INVALID_PAYLOAD, PayloadCheck
 
 __all__ = ["Delivery", "Sender", "new_id", "make_transport", "USER_AGENT"]
 
@@ -166,7 +166,7 @@ class Delivery:
         """Note a failed attempt: its error, and a warning in the log."""
         self.last_error = attempt.error
         # An invalid payload is logged once per method where it is found, not per hook.
-        level = logging.DEBUG if attempt.reason == "invalid_payload" else logging.WARNING
+        level = logging.DEBUG if attempt.reason == INVALID_PAYLOAD else logging.WARNING
         logger.log(
             level,
             "hook %s failed (attempt %d): %s",

@@ -620,11 +620,7 @@ class ThreadDispatcher:
                     heapq.heappush(self._delayed, (due, next(self._seq), delivery))
                     self._cond.notify()
                 else:
-                    delivery.reason = (
-                        "shutdown" if delay is not None
-                        else "retries_exhausted" if attempt.retryable
-                        else attempt.reason or "final_answer"
-                    )  # fmt: skip
+                    delivery.reason = "shutdown" if delay is not None else attempt.give_up_reason
                     gone.append(delivery)
         log_transition(lane.origin, breaker, transition, down_since, waited, gone_waiting)
         if transition is not None and self._spooler is not None:

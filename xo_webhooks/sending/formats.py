@@ -27,6 +27,9 @@ FORMATS = ("json", "office365", "slack", "teams")
 
 # https://api.slack.com/reference/block-kit/blocks#section: a section's text holds 3000 chars.
 SLACK_TEXT_LIMIT = 3000
+# Teams takes a message of about 28 KB, and a Workflow may accept a larger one (202)
+# and drop it later: the params and the result or error get 8,000 characters each.
+TEAMS_VALUE_LIMIT = 8000
 TRUNCATED = "\n… (truncated)"
 # MessageCard colours: XO's red for failures, neutral blue for pre, green for success.
 THEME_PRE, THEME_OK, THEME_FAILED = "0072C6", "2EB67D", "BE1621"
@@ -130,10 +133,12 @@ def _teams(payload: dict[str, Any]) -> dict[str, Any]:
                 "weight": "Bolder",
                 "wrap": True,
             },
-            {"type": "TextBlock", "text": _summary(payload), "color": color, "wrap": True},
+            {"type": "TextBlock", "text": _capped(_summary(payload)), "color": color, "wrap": True},
             {
                 "type": "FactSet",
-                "facts": [{"title": name, "value": value} for name, value in _facts(payload)],
+                "facts": [
+                    {"title": name, "value": _capped(value)} for name, value in _facts(payload)
+                ],
             },
         ],
         "msteams": {"width": "Full"},  # room for the JSON-encoded params and result
@@ -182,6 +187,11 @@ def _code_section(label: str, value: Any) -> dict[str, Any]:
 def _escape(text: str) -> str:
     # Slack reads &, < and > as control characters in every text, code blocks included.
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _capped(text: str, limit: int = TEAMS_VALUE_LIMIT) -> str:
+    """*text*, cut to *limit* characters with a mark that it was."""
+    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
 
 
 def _cut(escaped: str, size: int) -> str:

@@ -100,6 +100,12 @@ class Attempt:
     status: int | None = None
     reason: str | None = None
 
+    @property
+    def give_up_reason(self) -> str:
+        """Why a hook whose last attempt this was, with no retry left, is given up on:
+        its schedule ran out, the answer was final, or the attempt's own reason."""
+        return "retries_exhausted" if self.retryable else self.reason or "final_answer"
+
 
 def judge_answer(status: int, retry_after: str | None = None) -> Attempt:
     """What the receiver's answer means: 2xx delivered; 5xx, 408 and 429 worth a retry

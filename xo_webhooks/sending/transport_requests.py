@@ -4,7 +4,8 @@
 Why it exists, next to the faster http.client :class:`.Transport`: projects whose
 tests mock outgoing HTTP at requests' adapter (``responses``, ``requests-mock``) see
 their hooks there instead of on the network, and projects that mount adapters of
-their own (client certificates, auth) hand them over with ``session_factory``.
+their own (client certificates, auth) hand them over with ``session_factory``, which
+must return a new session on each call (one per thread, closed when the thread ends).
 
 It keeps the default transport's semantics, so that choosing it changes nothing a
 receiver or the delivery policy can tell: the timeout bounds the whole attempt (not
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
+import re
 import socket
 import threading
 import time
@@ -37,6 +40,8 @@ from requests.utils import select_proxy
 from .transport import MAX_RESPONSE, Route, SessionFactory
 
 __all__ = ["RequestsTransport", "default_session"]
+
+logger = logging.getLogger(__name__)
 
 # The attempt the calling thread is making: its deadline, read by the response parser
 # of the connections below (a pool's connections cannot be handed one), and whether it
@@ -100,7 +105,10 @@ class RequestsTransport:
         state = getattr(self._local, "state", None)
         self._local.state = None
         if state is not None:
-            state[0].close()
+            try:  # a session of the user's: its close() must not reach the request path
+                state[0].close()
+            except Exception:
+                logger.exception("closing a requests session failed")
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
         """POST *body* to *url*; return the status and the ``Retry-After`` header.
@@ -114,7 +122,10 @@ class RequestsTransport:
         route = self._routes.get(url) or self._routes.setdefault(url, Route.of(url, self._proxies))
         session, verify, own_proxies = self._state()
         proxies = None if own_proxies else self._proxies_of(route)
-        _use_deadline(session, url, proxies)
+        try:
+            _use_deadline(session, url, proxies)
+        except Exception as e:  # e.g. a socks:// proxy without PySocks: bad input, final
+            raise _plain(e) from e
         deadline = time.monotonic() + self.timeout  # for the whole attempt
         _attempt.deadline, _attempt.reused = deadline, False
         try:
@@ -133,7 +144,11 @@ class RequestsTransport:
     def _state(self) -> tuple[requests.Session, Any, bool]:
         state = getattr(self._local, "state", None)
         if state is None:
-            session = self._factory()
+            try:
+                session = self._factory()
+            except Exception as e:  # every hook would fail alike: say why, with the trace
+                logger.exception("session_factory failed")
+                raise ValueError(f"session_factory failed: {type(e).__name__}") from e
             own = self._factory is not default_session
             verify = self._ca_bundle or (
                 session.verify if own and session.verify is not True else certifi.where()
@@ -263,6 +278,9 @@ def _use_deadline(session: requests.Session, url: str, proxies: dict[str, Any] |
 # -- exceptions ---------------------------------------------------------------------------
 
 
+_QUERY = re.compile(r"\?[^\s'\")]*")
+
+
 def _plain(error: BaseException) -> Exception:
     """The exception http.client would have raised for *error*: the first one in its
     chain that is not requests' or urllib3's wrapper (``ConnectionRefusedError``,
@@ -282,9 +300,11 @@ def _plain(error: BaseException) -> Exception:
                 break
         queue += [*current.args, getattr(current, "reason", None)]
         queue += [current.__cause__, current.__context__]
-    text = str(error)
+    # requests' own texts may quote a URL's query (a Teams sig=, a token=), masked here,
+    # and a bad header's value: a ValueError says which kind of input, not the text.
+    text = _QUERY.sub("?...", str(error))
     if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
         return TimeoutError(text)
     if isinstance(error, ValueError):  # InvalidURL, InvalidHeader, InvalidSchema...
-        return ValueError(text)
+        return ValueError(f"{type(error).__name__} (not shown: it may quote a secret)")
     return ConnectionError(text)

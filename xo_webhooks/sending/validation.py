@@ -1,12 +1,14 @@
 """Checks ``json``-format payloads against ``schemas/hook-payload.schema.json`` before
-they are signed and sent (``XO_WEBHOOKS_VALIDATE``, on by default).
+they are signed and sent (``XO_WEBHOOKS_VALIDATE``; off by default, since it nearly
+doubles the CPU of a delivery).
 
 The check runs on the delivery thread, never on the request path: the payload is
 checked once it is built and redacted, as it will be serialised. An invalid payload
 is not sent: its attempt is final, so the dispatcher gives the hook up at once (reason
 ``invalid_payload``) and dead-letters it with the schema error as ``lastError``. The
-receivers of other formats (Slack, Office 365) get no payload of this schema, and are
-not checked.
+receivers of other formats (Slack, Office 365, Teams) get no payload of this schema,
+and are not checked. The error names where and what, never the value found there: it
+may hold a secret that redaction, which goes by key names, did not catch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import threading
 from typing import Any
 
-from jsonschema.exceptions import best_match
+from jsonschema.exceptions import ValidationError, best_match
 
 from ..schema import error_message, validator
 from .policy import Attempt
@@ -47,11 +49,11 @@ class PayloadCheck:
 
     def problem(self, payload: Any) -> str | None:
         """Why *payload* is not a valid hook payload (``invalid payload at $.userId:
-        42 is not of type 'string', 'null'``), or ``None`` when it is."""
+        expected string or null, got integer``), or ``None`` when it is."""
         if self._validator.is_valid(payload):
             return None
         error = best_match(self._validator.iter_errors(payload))
-        return f"invalid payload at {error.json_path}: {error_message(error)}"
+        return f"invalid payload at {error.json_path}: {_without_value(error)}"
 
     def check(self, payload: Any) -> Attempt | None:
         """``None`` when *payload* may be sent; else the final :class:`Attempt` that
@@ -70,7 +72,29 @@ class PayloadCheck:
                 return
             self._logged.add(method)
         logger.warning(
-            "not sending the hooks of %s whose payload the schema rejects (they are "
+            "not sending the hooks of %r whose payload the schema rejects (they are "
             "dead-lettered; logged once per method): %s",
             method, problem,
         )  # fmt: skip
+
+
+#: JSON's names of Python's types, as the schema speaks of them.
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean",
+               int: "integer", float: "number", type(None): "null"}  # fmt: skip
+
+
+def _without_value(error: ValidationError) -> str:
+    """What is wrong, in the schema's terms, without quoting the value found."""
+    if error.validator == "type":
+        expected = error.validator_value
+        names = expected if isinstance(expected, list) else [expected]
+        found = _JSON_TYPES.get(type(error.instance), type(error.instance).__name__)
+        return f"expected {' or '.join(map(str, names))}, got {found}"
+    if error.validator in ("required", "additionalProperties", "not", "oneOf"):
+        return error_message(error)  # names keys (the payload's, or the schema's) only
+    if error.validator == "minLength":
+        minimum = error.validator_value
+        return "must not be empty" if minimum == 1 else f"shorter than {minimum} characters"
+    if error.validator in ("const", "enum"):
+        return f"must be one of {error.validator_value!r}"
+    return f"fails {error.validator!r} ({error.validator_value!r})"
