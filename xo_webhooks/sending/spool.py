@@ -210,7 +210,7 @@ class Spool:
             )
             db.executemany(
                 "INSERT INTO endpoints (origin, breaker, updated, writer, version) "
-                "VALUES (?1, ?2, ?3, ?4, (SELECT coalesce(max(version), 0) + 1 FROM endpoints)) "
+                "VALUES (?, ?, ?, ?, (SELECT coalesce(max(version), 0) + 1 FROM endpoints)) "
                 "ON CONFLICT (origin) DO UPDATE SET breaker = excluded.breaker, "
                 "updated = excluded.updated, writer = excluded.writer, "
                 "version = excluded.version, probe_until = 0",
