@@ -142,10 +142,16 @@ def open_breaker(probe_at: float) -> dict[str, Any]:
 
 
 def holders(path: str) -> dict[str, tuple[str | None, float]]:
-    """Each hook's ``(owner, lease_until)``, read from the file itself."""
-    Spool(path).close()  # the tables, if nobody created them yet
+    """Each hook's ``(owner, lease_until)``, read from the file itself (a reader: it
+    never takes the write lock from the spooler it watches); none before it exists."""
+    if not os.path.exists(path):
+        return {}
     with contextlib.closing(sqlite3.connect(path)) as db:
-        return {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, owner, lease_until FROM hooks")}
+        try:
+            rows = db.execute("SELECT id, owner, lease_until FROM hooks").fetchall()
+        except sqlite3.OperationalError:  # the spooler is creating its tables
+            return {}
+        return {r[0]: (r[1], r[2]) for r in rows}
 
 
 def test_a_row_written_owned_is_leased_and_a_free_one_is_claimable(spool):

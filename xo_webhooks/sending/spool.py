@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,20 +155,36 @@ class Spool:
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"spool schema {version} is newer than this version knows ({SCHEMA_VERSION})"
-                )
-            with self._transaction() as db:
-                for statement in SCHEMA.split(";"):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._prepare(time.monotonic() + BUSY_TIMEOUT)
         except BaseException:
             self._db.close()
             raise
+
+    def _prepare(self, deadline: float) -> None:
+        """WAL mode and the tables. Processes that open a new file together (the workers
+        of a server starting) may find it locked while one of them sets it up: then
+        this waits for it, up to the busy timeout."""
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version == SCHEMA_VERSION:
+                    return
+                if version > SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(
+                        f"spool schema {version} is newer than this version knows "
+                        f"({SCHEMA_VERSION})"
+                    )
+                with self._transaction() as db:
+                    for statement in SCHEMA.split(";"):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
