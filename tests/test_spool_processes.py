@@ -503,7 +503,9 @@ def test_hooks_accepted_a_second_before_a_sigkill_are_delivered_by_the_next_proc
                       retry_schedule=schedule, **CRASHES[scenario])  # fmt: skip
     stats = drained(second, 60)
     assert spool_rows(spool) == {}
-    assert stats["resumed"] == len(in_spool), stats
+    # Its own first hook may go through the spool too (the endpoint adopted open): the
+    # hooks taken from the spool, less those it put there, are those the first one left.
+    assert stats["resumed"] - stats["spooled"] == len(in_spool), stats
     assert (stats["failed"], stats["delivered"]) == (0, len(in_spool) + 1), stats
 
     attempts = receiver.attempts
