@@ -13,6 +13,8 @@ list, and replay. The worker's own code is tested in-process in test_celery_work
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import logging
 import os
@@ -455,25 +457,25 @@ def a_pre_hook(settings: Any, call_id: str, params: Any = None) -> Delivery:
     return Delivery(settings.hooks[0], payload)
 
 
-def test_a_payload_celery_cannot_encode_is_dead_lettered_and_counted(broker):
+def test_a_payload_with_values_json_cannot_hold_is_published_with_stand_ins(broker):
     settings = load_settings([hook("http://127.0.0.1:9/")], {}, broker_url=broker.url)
     dispatcher = CeleryDispatcher(settings)
     kept = KeptRecords()
     dispatcher.dead_letters = DeadLetters(settings, store=kept)
     try:
-        dispatcher.submit(a_pre_hook(settings, "odd", {"tags": {"a set", "not JSON"}}))
-        # The payload's fault, not the broker's: the next hook is published at once.
-        dispatcher.submit(a_pre_hook(settings, "next"))
+        params = {"tags": ("a tuple",), "size": float("inf"), "when": datetime.date(2026, 1, 2)}
+        dispatcher.submit(a_pre_hook(settings, "odd", params))
         stats = dispatcher.stats()
     finally:
         dispatcher.close(1)
     counts = [stats[name] for name in ("published", "failed", "dead_lettered", "lost")]
-    assert counts == [1, 1, 1, 0]
+    assert counts == [1, 0, 0, 0]
     assert_ledger(stats)
-    (record,) = kept.records
-    assert (record["payload"]["callId"], record["attempts"]) == ("odd", 0)
-    assert record["lastError"] == "cannot encode the payload: EncodeError"
-    assert broker.client().llen(QUEUE) == 1
+    assert kept.records == []
+    (raw,) = broker.client().lrange(QUEUE, 0, -1)
+    body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    assert '"size": "Infinity"' in json.dumps(body)
+    assert "2026-01-02" in json.dumps(body) and '["a tuple"]' in json.dumps(body)
 
 
 def test_a_failing_dead_letter_store_counts_the_hook_lost_and_logs_it(tmp_path, caplog):

@@ -321,13 +321,17 @@ def test_a_record_keeps_its_id_attempts_and_payload():
     assert (kept.call_id, kept.kind) == ("call-1", "post")
 
 
-def test_a_payload_that_cannot_be_encoded_fails_without_a_request(webhook_receiver):
+def test_values_strict_json_cannot_hold_are_sent_as_stand_ins_with_a_note(webhook_receiver):
     sender, delivery = make(webhook_receiver.url)
-    delivery.payload["params"] = {"ratio": math.nan}  # not JSON
+    delivery.payload["params"] = {"ratio": math.nan, "size": math.inf, "name": "a\ud800"}
     attempt = sender.send(delivery)
-    assert (attempt.delivered, attempt.retryable) == (False, False)
-    assert attempt.error == "cannot encode the payload: ValueError"
-    assert webhook_receiver.attempts == []
+    assert attempt.delivered
+    (hook,) = webhook_receiver.attempts
+    assert hook.payload["params"] == {"ratio": "NaN", "size": "Infinity", "name": "a\ufffd"}
+    assert hook.headers["xo-webhooks-replaced"] == "3"
+    # A record of it keeps the note for a later attempt (a replay, a Celery worker).
+    again = Delivery.from_record(delivery.to_record(), SETTINGS)
+    assert sender.headers(again, b"{}")["Xo-Webhooks-Replaced"] == "3"
 
 
 def test_an_unexpected_error_fails_the_attempt_and_is_logged(webhook_receiver, monkeypatch, caplog):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -474,29 +474,27 @@ def test_hooks_the_dead_letter_store_cannot_take_are_counted_lost(make, tmp_path
 
 
 @pytest.mark.parametrize(
-    "params",
+    ("params", "sent"),
     [
-        pytest.param({"size": float("inf")}, id="inf"),
-        pytest.param(json.loads('{"size": 1e400}'), id="1e400"),  # what the API parser gives
-        pytest.param({"size": float("nan")}, id="nan"),
+        pytest.param({"size": float("inf")}, "Infinity", id="inf"),
+        pytest.param(json.loads('{"size": -1e400}'), "-Infinity", id="-1e400"),  # as parsed
+        pytest.param({"size": float("nan")}, "NaN", id="nan"),
     ],
 )
-def test_a_payload_that_cannot_be_encoded_fails_once_and_is_dead_lettered(
-    params, refused_url, dead_file, tmp_path
+def test_a_payload_strict_json_cannot_hold_is_delivered_with_stand_ins(
+    params, sent, webhook_receiver, dead_file
 ):
-    # With the real Sender: json refuses NaN and infinities (allow_nan=False) before
-    # any connection, and no retry could change that.
+    # json refuses NaN and infinities (allow_nan=False): the hook is sent all the same,
+    # the value replaced by a documented stand-in, never left undeliverable.
     settings = load_settings([], {}, retries=3, backoff=0.01, timeout=2, dead_letter=dead_file)
     dispatcher = ThreadDispatcher(settings)
-    target = Hook(method="vm.start", type="pre", url=refused_url)
+    target = Hook(method="vm.start", type="pre", url=webhook_receiver.url)
     try:
         dispatcher.submit(Delivery(target, {**PRE, "params": params}))
         assert dispatcher.flush(10)
     finally:
         dispatcher.close(5)
-    assert counts(dispatcher) == (1, 0, 0, 1, 1, 0, 0)
-    (record,) = read_records(dead_file)
-    assert record["lastError"] == "cannot encode the payload: ValueError"
-    assert record["attempts"] == 1
-    size = record["payload"]["params"]["size"]
-    assert math.isinf(size) or math.isnan(size)
+    assert counts(dispatcher) == (1, 1, 0, 0, 0, 0, 0)
+    (hook,) = webhook_receiver.attempts
+    assert hook.payload["params"] == {"size": sent}
+    assert not os.path.exists(dead_file)

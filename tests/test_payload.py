@@ -7,6 +7,7 @@ Every payload built here is also checked against the published JSON Schema.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 from typing import Any
@@ -18,7 +19,7 @@ from xo_webhooks.request.jsonrpc import Outcome, internal_error
 from xo_webhooks.request.payload import post_payload, pre_payload
 from xo_webhooks.schema import validate_payload
 from xo_webhooks.sending.formats import serialize
-from xo_webhooks.sending.redaction import REDACTED, redact, redact_payload
+from xo_webhooks.sending.redaction import MAX_DEPTH, REDACTED, TOO_DEEP, clean_payload, redact
 
 USER = ("u-42", "alice@example.com")
 PARAMS = {"id": "vm-1", "force": False}
@@ -147,13 +148,13 @@ def test_words_are_case_insensitive_substrings() -> None:
 
 def test_redact_at_any_depth_and_inside_lists() -> None:
     value = {
-        "vm": {"name": "web", "credentials": {"password": "p1", "user": "root"}},
+        "vm": {"name": "web", "login": {"password": "p1", "user": "root"}},
         "disks": [{"token": "t1", "size": 1}, [{"size": 2, "api_key": "k"}]],
         "tags": ["password", "hunter2"],  # list items are values, not keys
         "secret": {"even": ["a", "whole", {"subtree": 1}]},
     }
     assert redact(value, DEFAULT_REDACT) == {
-        "vm": {"name": "web", "credentials": {"password": REDACTED, "user": "root"}},
+        "vm": {"name": "web", "login": {"password": REDACTED, "user": "root"}},
         "disks": [{"token": REDACTED, "size": 1}, [{"size": 2, "api_key": REDACTED}]],
         "tags": ["password", "hunter2"],
         "secret": REDACTED,
@@ -185,10 +186,10 @@ def test_empty_word_list_disables_redaction() -> None:
     value = {"password": "p"}
     assert redact(value, []) is value
     payload = pre_payload("c", USER, "m", value, 0)
-    assert redact_payload(payload, ()) is payload
+    assert clean_payload(payload, ()).payload is payload
 
 
-def test_redact_payload_touches_params_result_and_error_data_only() -> None:
+def test_clean_payload_redacts_params_result_and_error_data_only() -> None:
     secret = {"password": "p", "ok": 1}
     error = {"code": 1, "message": "bad password", "data": [secret]}
     for payload in (
@@ -197,7 +198,7 @@ def test_redact_payload_touches_params_result_and_error_data_only() -> None:
         post_payload("c", ("password", "token"), "m", secret, 0, 1, Outcome(error=error)),
     ):
         before = copy.deepcopy(payload)
-        redacted = redact_payload(payload, DEFAULT_REDACT)
+        redacted = clean_payload(payload, DEFAULT_REDACT).payload
         assert payload == before
         assert redacted["params"] == {"password": REDACTED, "ok": 1}
         assert (redacted["userId"], redacted["userName"]) == ("password", "token")
@@ -210,7 +211,7 @@ def test_redact_payload_touches_params_result_and_error_data_only() -> None:
 
 def test_error_without_data_is_kept() -> None:
     payload = post_payload("c", USER, "m", {}, 0, 1, Outcome(error={"code": 1, "message": "m"}))
-    assert redact_payload(payload, DEFAULT_REDACT)["error"] == {"code": 1, "message": "m"}
+    assert clean_payload(payload, DEFAULT_REDACT).payload["error"] == {"code": 1, "message": "m"}
 
 
 def test_serialize_compact_utf8_json() -> None:
@@ -243,3 +244,51 @@ def test_serialize_writes_strict_json(number: float) -> None:
     payload = pre_payload("c", USER, "m", {"x": number}, 0)
     with pytest.raises(ValueError):  # never writes a body JSON parsers reject
         serialize(payload)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("ｐａｓｓｗｏｒｄ", id="fullwidth"),
+        pytest.param("pass\u200bword", id="zero-width-space"),
+        pytest.param("pass\u00adword", id="soft-hyphen"),
+        pytest.param("api.key", id="dot-separated"),
+        pytest.param("ＡＰＩ　ＫＥＹ", id="fullwidth-with-ideographic-space"),
+        pytest.param("db_pwd", id="pwd"),
+        pytest.param("gpgPassphrase", id="passphrase"),
+        pytest.param("awsCredentials", id="credential"),
+    ],
+)
+def test_look_alike_and_new_default_keys_are_redacted(key: str) -> None:
+    assert redact({key: "s3cr3t", "name": "ok"}, DEFAULT_REDACT) == {key: REDACTED, "name": "ok"}
+
+
+def test_tuples_are_walked_and_sent_as_arrays() -> None:
+    # middleware.call(params=...) may hold tuples: a secret inside one is still found.
+    assert redact({"a": ({"token": "t"}, 1)}, DEFAULT_REDACT) == {"a": [{"token": REDACTED}, 1]}
+
+
+def test_a_clean_payload_is_returned_as_it_is() -> None:
+    payload = pre_payload("c", USER, "m", {"id": "vm-1", "tags": ["a", {"b": 1.5}]}, 0)
+    cleaned = clean_payload(payload, DEFAULT_REDACT)
+    assert cleaned.payload is payload and cleaned.replaced == 0
+
+
+def test_stand_ins_for_what_strict_json_cannot_hold() -> None:
+    deep: Any = 1
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    params = {
+        "inf": math.inf, "-inf": -math.inf, "nan": math.nan, "s\udc00": "x\ud800y",
+        "when": datetime.date(2026, 12, 1), "deep": deep, "ok": [1, "é", None, True],
+    }  # fmt: skip
+    payload = post_payload("c", ("u\ud800", None), "m", params, 0, 1, Outcome(result=math.nan))
+    cleaned = clean_payload(payload, DEFAULT_REDACT)
+    json.dumps(cleaned.payload, allow_nan=False).encode("utf-8")  # strict JSON now
+    sent = cleaned.payload["params"]
+    assert (sent["inf"], sent["-inf"], sent["nan"]) == ("Infinity", "-Infinity", "NaN")
+    assert sent["s\ufffd"] == "x\ufffdy" and sent["when"] == "2026-12-01"
+    assert TOO_DEEP in json.dumps(sent["deep"]) and sent["ok"] == [1, "é", None, True]
+    assert cleaned.payload["userId"] == "u\ufffd" and cleaned.payload["result"] == "NaN"
+    assert cleaned.replaced == 9
+    assert math.isinf(params["inf"])  # the input is not modified

@@ -39,7 +39,8 @@ __all__ = [
 ENV_PREFIX = "XO_WEBHOOKS_"
 DEFAULT_REDACT = (
     "password", "passwd", "secret", "token", "apikey", "api_key",
-    "authorization", "cookie", "privatekey", "private_key",
+    "authorization", "cookie", "privatekey", "private_key", "pwd", "passphrase",
+    "credential",
 )  # fmt: skip
 DEFAULTS: dict[str, Any] = {
     "timeout": 10.0,

@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .._text import STRICT_JSON
-
 __all__ = ["Call", "Outcome", "parse_calls", "parse_outcomes", "outcome_key", "internal_error"]
 
 INTERNAL_ERROR = -32603
@@ -47,8 +45,14 @@ def internal_error(message: str) -> Outcome:
     return Outcome(error={"code": INTERNAL_ERROR, "message": message})
 
 
+#: Reads what the app's own parser would: Python's ``json`` takes ``NaN`` and
+#: ``Infinity`` (Flask's does), so a call holding them is inspected too; a hook's
+#: payload gets stand-ins for them (see ``sending/redaction.py``).
+_DECODER = json.JSONDecoder()
+
+
 def _loads(body: bytes) -> Any:
-    return STRICT_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def parse_calls(body: bytes) -> list[Call] | None:

@@ -315,10 +315,13 @@ class WebhookMiddleware:
     def _may_match(self, body: bytes) -> bool:
         """Whether *body* can hold a call that triggers a hook, told without parsing it.
 
-        Without a backslash (a JSON escape), every method name of a request stands in
-        the bytes as ``"method": "<name>"``; if none of those has a hook, no call has.
+        In UTF-8 (with or without a BOM) and without a backslash (a JSON escape), every
+        method name of a request stands in the bytes as ``"method": "<name>"``; if none
+        of those has a hook, no call has. UTF-16 and UTF-32, which Python's ``json``
+        reads too, put a zero byte in the first four (JSON text starts with an ASCII
+        character): those bodies are parsed.
         """
-        if b"\\" in body:
+        if b"\\" in body or b"\0" in body[:4]:
             return True
         return any(self._has_hook(name) for name in _METHOD_MEMBER.findall(body))
 

@@ -22,11 +22,11 @@ from .._version import __version__
 from ..config import Hook, Settings
 from .formats import serialize
 from .policy import Attempt, judge_answer, judge_failure
-from .redaction import redact_payload
+from .redaction import clean_payload
 from .transport import SessionFactory, Transport
 from .validation import INVALID_PAYLOAD, PayloadCheck
 
-__all__ = ["Delivery", "Sender", "new_id", "make_transport", "USER_AGENT"]
+__all__ = ["Delivery", "Sender", "new_id", "make_transport", "USER_AGENT", "REPLACED_HEADER"]
 
 if TYPE_CHECKING:
     from .transport_requests import RequestsTransport
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 USER_AGENT = f"xo-webhooks/{__version__}"
+#: Sent with a hook whose payload holds stand-ins for values that are not strict JSON
+#: (see :mod:`.redaction`): how many values were replaced.
+REPLACED_HEADER = "Xo-Webhooks-Replaced"
 
 
 def new_id() -> str:
@@ -68,7 +71,8 @@ class Delivery:
     """
 
     __slots__ = ("hook", "_payload", "_build", "id", "attempts", "last_error", "body",
-                 "call_id", "kind", "redacted", "trace", "reason", "created", "after")  # fmt: skip
+                 "call_id", "kind", "redacted", "replaced", "trace", "reason", "created",
+                 "after")  # fmt: skip
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class Delivery:
         self.last_error = last_error
         self.body: bytes | None = None
         self.redacted = False
+        self.replaced = 0  # values replaced by a stand-in: not strict JSON (see .redaction)
         self.call_id = call_id if payload is None else payload.get("callId")
         self.kind = kind if payload is None else payload.get("type")
         self.trace = trace
@@ -127,9 +132,10 @@ class Delivery:
         return (self.call_id, self.hook.url)
 
     def redact(self, words: Iterable[str]) -> None:
-        """Redact the payload (once: a record read back is already redacted)."""
+        """Redact the payload, and replace what strict JSON cannot hold by stand-ins
+        (once: a record read back is already clean)."""
         if not self.redacted:
-            self.payload = redact_payload(self.payload, words)
+            self.payload, self.replaced = clean_payload(self.payload, words)
             self.redacted = True
 
     def prepare(self, redact_words: Iterable[str]) -> bytes:
@@ -160,6 +166,8 @@ class Delivery:
             trace=_trace_headers(trace),
         )  # fmt: skip
         delivery.redacted = True  # records and messages are written redacted
+        replaced = record.get("replaced")
+        delivery.replaced = replaced if isinstance(replaced, int) else 0
         return delivery
 
     def failed(self, attempt: Attempt) -> None:
@@ -193,6 +201,8 @@ class Delivery:
         }
         if self.trace:
             message["trace"] = self.trace
+        if self.replaced:
+            message["replaced"] = self.replaced
         return message
 
     def to_record(self) -> dict[str, Any]:
@@ -253,6 +263,8 @@ class Sender:
             **dict(delivery.hook.headers),
             "webhook-id": delivery.id,  # always: lets receivers drop a retried duplicate
         }
+        if delivery.replaced:  # the note that stand-ins are in the payload
+            headers[REPLACED_HEADER] = str(delivery.replaced)
         if delivery.hook.secret:
             timestamp = int(time.time())
             headers["webhook-timestamp"] = str(timestamp)
@@ -271,17 +283,14 @@ class Sender:
 
     def _send(self, delivery: Delivery) -> Attempt:
         delivery.attempts += 1
-        try:
-            if delivery.body is None and self.check is not None and delivery.hook.format == "json":
-                # Checked as it will be sent (redacted), before it is serialised and
-                # signed; once per delivery: a retry sends the body already checked.
-                delivery.redact(self.settings.redact)
-                invalid = self.check.check(delivery.payload)
-                if invalid is not None:
-                    return invalid
-            body = delivery.prepare(self.settings.redact)
-        except Exception as e:  # e.g. a payload nested too deeply to encode
-            return Attempt(False, f"cannot encode the payload: {type(e).__name__}")
+        if delivery.body is None and self.check is not None and delivery.hook.format == "json":
+            # Checked as it will be sent (redacted), before it is serialised and
+            # signed; once per delivery: a retry sends the body already checked.
+            delivery.redact(self.settings.redact)
+            invalid = self.check.check(delivery.payload)
+            if invalid is not None:
+                return invalid
+        body = delivery.prepare(self.settings.redact)
         with attempt_span(delivery.trace, delivery.hook.url, delivery.attempts) as span:
             headers = {**self.headers(delivery, body), **span.headers}
             try:

@@ -1,0 +1,113 @@
+"""Every call the app can run has its hooks: bodies written to slip past the quick scan
+or to make a payload that strict JSON cannot hold, against a Flask app served for real.
+
+For each body, the calls the app ran and the hooks that arrived must agree: a pre and a
+post hook for each hooked call it ran (with stand-ins where strict JSON cannot hold a
+value, see ``sending/redaction.py``), none for a call it did not run.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask, Response, request
+
+from xo_webhooks import WebhookMiddleware
+from xo_webhooks.schema import validate_payload
+from xo_webhooks.sending.redaction import TOO_DEEP
+
+CALL = '{"jsonrpc": "2.0", "id": 1, "method": "vm.delete", "params": {"id": "vm-1"}}'
+
+
+def nested(depth: int) -> str:
+    return '{"jsonrpc": "2.0", "id": 1, "method": "vm.delete", "params": {"a": %s}}' % (
+        "[" * depth + "]" * depth
+    )
+
+
+def deep_stand_in(params: Any) -> bool:
+    return TOO_DEEP in json.dumps(params)
+
+
+BODIES = [
+    pytest.param(CALL.encode(), {"id": "vm-1"}, id="utf-8"),
+    pytest.param(b"\xef\xbb\xbf" + CALL.encode(), {"id": "vm-1"}, id="utf-8-bom"),
+    pytest.param(CALL.encode("utf-16-le"), {"id": "vm-1"}, id="utf-16-le"),
+    pytest.param(CALL.encode("utf-16-be"), {"id": "vm-1"}, id="utf-16-be"),
+    pytest.param(CALL.encode("utf-16"), {"id": "vm-1"}, id="utf-16-bom"),
+    pytest.param(CALL.encode("utf-32-le"), {"id": "vm-1"}, id="utf-32-le"),
+    pytest.param(CALL.encode("utf-32-be"), {"id": "vm-1"}, id="utf-32-be"),
+    pytest.param(CALL.encode("utf-32"), {"id": "vm-1"}, id="utf-32-bom"),
+    pytest.param(
+        CALL.replace("vm.delete", "vm.\\u0064elete").encode(), {"id": "vm-1"}, id="escaped-method"
+    ),  # fmt: skip
+    pytest.param(CALL.replace('"vm-1"', "1e400").encode(), {"id": "Infinity"}, id="1e400"),
+    pytest.param(CALL.replace('"vm-1"', "-1e400").encode(), {"id": "-Infinity"}, id="-1e400"),
+    pytest.param(CALL.replace('"vm-1"', "NaN").encode(), {"id": "NaN"}, id="NaN"),
+    pytest.param(CALL.replace("vm-1", "\\ud800").encode(), {"id": "\ufffd"}, id="lone-surrogate"),
+    pytest.param(
+        CALL.replace('"id": "vm-1"', '"\\udfff": 1').encode(),
+        {"\ufffd": 1},
+        id="lone-surrogate-key",
+    ),  # fmt: skip
+    pytest.param(nested(500).encode(), deep_stand_in, id="nested-500"),
+    pytest.param(nested(1000).encode(), None, id="nested-1000"),  # no parser reads it
+    pytest.param(
+        CALL.replace('"method"', '"method": "vm.list", "method"').encode(),
+        {"id": "vm-1"},
+        id="duplicate-method-hooked-last",
+    ),  # fmt: skip
+    pytest.param(
+        CALL.replace('"params"', '"method": "vm.list", "params"').encode(),
+        None,
+        id="duplicate-method-hooked-first",
+    ),  # fmt: skip
+]
+
+
+def recording_app() -> tuple[Flask, list[tuple[str, Any]]]:
+    """A Flask JSON-RPC app that parses as Flask does and records each call it runs."""
+    app = Flask("hostile-bodies")
+    ran: list[tuple[str, Any]] = []
+
+    @app.post("/api")
+    def api() -> Response:
+        call = request.get_json(force=True)
+        ran.append((call["method"], call.get("params")))
+        return Response(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": True}),
+                        content_type="application/json")  # fmt: skip
+
+    return app, ran
+
+
+@pytest.mark.parametrize(("body", "params"), BODIES)
+def test_the_apps_calls_and_the_hooks_agree(body, params, serve, webhook_receiver):
+    app, ran = recording_app()
+    hooks = [{"method": "vm.delete", "type": "pre/post", "url": webhook_receiver.url}]
+    middleware = WebhookMiddleware(app.wsgi_app, hooks=hooks, environ={}, timeout=2)
+    app.wsgi_app = middleware
+    url = serve(app).url + "/api"
+    try:
+        answer = requests.post(url, data=body, timeout=10,
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+        assert middleware.flush(10)
+    finally:
+        middleware.close(5)
+    hooked = [p for method, p in ran if method == "vm.delete"]
+    received = [h.payload for h in webhook_receiver.attempts]
+    if params is None:  # the app ran no hooked call: no hook either
+        assert hooked == [] and received == [], (answer.status_code, ran)
+        return
+    assert answer.status_code == 200 and len(hooked) == 1
+    assert sorted(p["type"] for p in received) == ["post", "pre"]
+    for payload in received:
+        validate_payload(payload)
+        assert payload["method"] == "vm.delete"
+        if callable(params):
+            assert params(payload["params"])
+        else:
+            assert payload["params"] == params
+    assert middleware.stats()["delivered"] == 2
