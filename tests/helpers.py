@@ -60,7 +60,7 @@ class RecordingDispatcher:
 def assert_ledger(stats: dict[str, Any]) -> None:
     """The ``stats()`` ledger balances: every hook accepted (or resumed from the spool)
     is delivered, failed, handed to the spool (to wait, or left there at shutdown),
-    pending, or (Celery) published; every failed one dead-lettered or lost."""
+    pending, on its way to the dead-letter store (recording), or (Celery) published; every failed one dead-lettered or lost."""
     assert stats["accepted"] + stats.get("resumed", 0) == (
         stats["delivered"]
         + stats.get("published", 0)
@@ -68,6 +68,7 @@ def assert_ledger(stats: dict[str, Any]) -> None:
         + stats["pending"]
         + stats.get("spooled", 0)
         + stats.get("left", 0)
+        + stats.get("recording", 0)
     ), stats
     assert stats["failed"] == stats["dead_lettered"] + stats["lost"], stats
 

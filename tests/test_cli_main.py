@@ -61,7 +61,7 @@ def test_test_sends_a_signed_pre_and_post_hook(webhook_receiver, capsys):
     assert (pre.payload["type"], post.payload["type"]) == ("pre", "post")
     for hook in (pre, post):
         verify(SECRET, hook.body, hook.headers)
-    assert capsys.readouterr().out.count("204") == 2
+    assert capsys.readouterr().out.count("HTTP 204") == 2
 
 
 def test_test_reports_a_failing_receiver(webhook_receiver, capsys):

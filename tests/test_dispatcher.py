@@ -177,7 +177,7 @@ def worker_threads() -> list[threading.Thread]:
 def test_a_new_dispatcher_starts_no_thread_and_has_an_empty_ledger(make):
     dispatcher = make(max_workers=3)
     assert worker_threads() == []
-    assert dispatcher.stats() == dict.fromkeys((*STAT_NAMES, "spool_errors"), 0)
+    assert dispatcher.stats() == dict.fromkeys((*STAT_NAMES, "spool_errors", "recording"), 0)
     assert dispatcher.flush(0)
 
 
@@ -448,20 +448,27 @@ def test_a_sender_that_raises_fails_the_hook_and_spares_the_worker(make, dead_fi
     assert len(failures) == 2 and all(r.exc_info for r in failures)
 
 
-def under_a_file(tmp_path):
-    (tmp_path / "file").write_text("")
-    return tmp_path / "file" / "dead.jsonl"
+def becomes_a_directory(tmp_path):
+    (tmp_path / "dead.jsonl").mkdir()
+
+
+def its_folder_becomes_a_file(tmp_path):
+    (tmp_path / "sub").write_text("")
 
 
 @pytest.mark.parametrize(
-    "where",
+    ("path", "breaks"),
     [
-        pytest.param(lambda tmp: tmp, id="a-directory"),
-        pytest.param(under_a_file, id="under-a-file"),
+        pytest.param("dead.jsonl", becomes_a_directory, id="a-directory"),
+        pytest.param("sub/dead.jsonl", its_folder_becomes_a_file, id="under-a-file"),
     ],
 )
-def test_hooks_the_dead_letter_store_cannot_take_are_counted_lost(make, tmp_path, where, caplog):
-    dispatcher = make(ScriptedSender(lambda d: FINAL), dead_letter=str(where(tmp_path)))
+def test_hooks_the_dead_letter_store_cannot_take_are_counted_lost(
+    make, tmp_path, path, breaks, caplog
+):
+    # Checked at start (a ConfigError then); the store breaks while the app runs.
+    dispatcher = make(ScriptedSender(lambda d: FINAL), dead_letter=str(tmp_path / path))
+    breaks(tmp_path)
     dispatcher.submit(hook("c1"))
     assert dispatcher.flush(10)
     assert counts(dispatcher) == (1, 0, 0, 1, 0, 1, 0)

@@ -214,7 +214,7 @@ def test_a_hung_endpoints_backlog_never_refuses_another_endpoints_hooks(
     assert stats == {
         "accepted": 120, "delivered": 20, "retried": 0, "failed": 75,
         "dead_lettered": 75, "lost": 0, "pending": 25,
-        "spooled": 0, "left": 0, "resumed": 0, "spool_errors": 0,
+        "spooled": 0, "left": 0, "resumed": 0, "spool_errors": 0, "recording": 0,
     }  # fmt: skip
     records = {r["payload"]["callId"]: r for r in dead_letters(dead_file)}
     assert sorted(records) == sorted(f"hung{n}" for n in range(25, 100))  # the first 25 stay

@@ -61,7 +61,7 @@ def test_refused_connections_are_retried_then_dead_lettered(dispatch, refused_ur
     assert stats | {"pending": 0} == {
         "accepted": 1, "delivered": 0, "retried": 2, "failed": 1,
         "dead_lettered": 1, "lost": 0, "pending": 0,
-        "spooled": 0, "left": 0, "resumed": 0, "spool_errors": 0,
+        "spooled": 0, "left": 0, "resumed": 0, "spool_errors": 0, "recording": 0,
     }  # fmt: skip
     (record,) = dead_letters(tmp_path)
     assert record["url"] == refused_url and record["attempts"] == 3

@@ -558,7 +558,7 @@ def test_on_give_up_gets_each_given_up_hooks_redacted_record(
     assert sorted(r["payload"]["type"] for r in records) == ["post", "pre"]
     for record in records:
         assert set(record) == {
-            "id", "url", "format", "payload", "attempts", "lastError", "failedAt", "trace"
+            "id", "url", "format", "payload", "attempts", "lastError", "failedAt", "trace", "hook"
         }  # fmt: skip
         assert record["url"] == refused_url and record["format"] == "json"
         assert record["payload"]["params"] == {"id": "vm-1", "password": "***"}

@@ -1,14 +1,30 @@
-"""Hook URLs: what counts as one, and how to show one without its password.
-Shared by configuration (checked at start) and sending (parsed per route)."""
+"""Hook URLs: what counts as one, and how to show one without what makes it a
+credential. Shared by configuration (checked at start) and sending (parsed per route).
+
+A hook URL is often itself the credential: its password, a Slack incoming-webhook
+path, a Teams Workflow's ``sig=`` query value, a ``?token=``. So logs name a hook by
+its position and origin (:func:`short_url`), dead-letter records keep it with the
+password and query values masked (:func:`masked_url`) and a :func:`fingerprint` of the
+whole URL, by which ``replay`` finds the configured hook to send to."""
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import re
 import urllib.parse
 from typing import NamedTuple
 
-__all__ = ["HttpUrl", "parse_http_url", "mask_url", "endpoint_of"]
+__all__ = [
+    "HttpUrl", "parse_http_url", "mask_url", "masked_url", "short_url", "fingerprint",
+    "basic_auth", "without_userinfo", "ascii_url", "endpoint_of",
+]  # fmt: skip
+
+MASK = "***"
+# Characters left as they are when a URL is made ASCII: RFC 3986's reserved and
+# unreserved ones, and ``%`` (what is already percent-encoded stays so).
+_URL_SAFE = "/?#[]@!$&'()*+,;=:-._~%"
 
 
 class HttpUrl(NamedTuple):
@@ -40,6 +56,75 @@ def parse_http_url(url: str) -> HttpUrl:
 def mask_url(text: str) -> str:
     """*text* with the password of any URL in it replaced by ``***``."""
     return re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
+
+
+def masked_url(url: str) -> str:
+    """*url* with its password and every query value replaced by ``***``, for a
+    record an operator may share (``https://host/hooks?sig=***``)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else pair
+        for pair in parts.query.split("&")
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+@functools.lru_cache(maxsize=1024)
+def short_url(url: str) -> str:
+    """How logs show a hook URL: its origin, then ``/…`` when it has a path or a query
+    (either may be the credential): ``https://hooks.slack.com/…``."""
+    parts = urllib.parse.urlsplit(url)
+    more = parts.path not in ("", "/") or parts.query
+    return endpoint_of(url) + ("/…" if more else "")
+
+
+@functools.lru_cache(maxsize=1024)
+def fingerprint(url: str) -> str:
+    """A short digest of the whole *url* (``sha256:`` and 16 hex digits): names a
+    configured hook in a dead-letter record without its secret parts."""
+    return "sha256:" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+
+
+def basic_auth(url: str) -> str | None:
+    """The ``Authorization`` value for the ``user:password@`` of *url* (HTTP Basic, the
+    parts percent-decoded, as requests sends them), or ``None``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return None
+    login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(login.encode("utf-8")).decode("ascii")
+
+
+def without_userinfo(url: str) -> str:
+    """*url* without its ``user:password@`` (sent as a header instead)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def ascii_url(url: str) -> str:
+    """*url* as HTTP can carry it: the host name IDNA-encoded, anything else that is
+    not ASCII percent-encoded as UTF-8.
+
+    :raises ValueError: when the host name cannot be IDNA-encoded.
+    """
+    if url.isascii():
+        return url
+    parts = urllib.parse.urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    host, port = re.fullmatch(r"(.*?)(:\d*)?", hostport).groups(default="")  # type: ignore[union-attr]
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise ValueError(f"the host name cannot be IDNA-encoded: {e}") from None
+    netloc = (urllib.parse.quote(userinfo, safe=_URL_SAFE) + "@" if userinfo else "") + host
+    netloc += port
+    path, query = (urllib.parse.quote(p, safe=_URL_SAFE) for p in (parts.path, parts.query))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -9,7 +9,9 @@ the path of the bad field. What comes out is a frozen :class:`Settings`.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -21,12 +23,13 @@ from typing import Any
 
 from jsonschema import ValidationError
 
-from ._urls import mask_url, parse_http_url
+from ._urls import ascii_url, fingerprint, mask_url, parse_http_url, short_url
 from .errors import ConfigError
 from .schema import error_message, load_schema, validator
 from .signing import parse_secret
 
 __all__ = [
+    "unknown_variables",
     "Hook",
     "Settings",
     "load_settings",
@@ -35,6 +38,8 @@ __all__ = [
     "DEFAULT_REDACT",
     "DEFAULT_RETRY_SCHEDULE",
 ]
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "XO_WEBHOOKS_"
 DEFAULT_REDACT = (
@@ -52,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "backoff": None,
     "endpointConcurrency": None,  # half of maxWorkers, at least 1
     "breakerThreshold": 5,
+    "maxCalls": 1000,
     "queueSize": 10000,
     "deadLetter": None,
     "shutdownTimeout": 10.0,
@@ -98,6 +104,19 @@ class Hook:
     wait_for_response: bool = False
     secret: str | None = field(default=None, repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    index: int | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        """How logs name this hook: its position in the configuration and its origin,
+        never its whole URL (``hooks[2] https://hooks.slack.com/…``)."""
+        where = "hook" if self.index is None else f"hooks[{self.index}]"
+        return f"{where} {short_url(self.url)}"
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the URL: how a dead-letter record names this hook."""
+        return fingerprint(self.url)
 
     @property
     def pre(self) -> bool:
@@ -115,16 +134,21 @@ class Hook:
         return self.secret is not None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], secret: str | None = None) -> Hook:
-        """Build a hook from its validated camelCase form; *secret* is the global default."""
+    def from_dict(
+        cls, raw: Mapping[str, Any], secret: str | None = None, index: int | None = None
+    ) -> Hook:
+        """Build a hook from its validated camelCase form; *secret* is the global default,
+        *index* its position in the configuration. A URL that is not ASCII is
+        IDNA- and percent-encoded."""
         return cls(
             method=raw["method"],
             type=raw["type"],
-            url=raw["url"],
+            url=ascii_url(raw["url"]),
             format=raw.get("format", "json"),
             wait_for_response=bool(raw.get("waitForResponse", False)),
             secret=raw.get("secret", secret),
             headers=tuple(raw.get("headers", {}).items()),
+            index=index,
         )
 
 
@@ -140,6 +164,7 @@ class Settings:
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     endpoint_concurrency: int = 0  # 0: half of max_workers, at least 1
     breaker_threshold: int = DEFAULTS["breakerThreshold"]
+    max_calls: int = DEFAULTS["maxCalls"]
     queue_size: int = DEFAULTS["queueSize"]
     dead_letter: str | None = None
     shutdown_timeout: float = DEFAULTS["shutdownTimeout"]
@@ -222,7 +247,30 @@ def load_settings(
             sources[key] = snake
 
     _validate(document, sources)
+    for name, closest in unknown_variables(environ):
+        logger.warning(
+            "%s is not an xo-webhooks setting and is ignored%s", name,
+            f" (did you mean {closest}?)" if closest else "",
+        )  # fmt: skip
     return _build(document)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``XO_WEBHOOKS_*`` variables of *environ* that name no setting (a typo such as
+    ``XO_WEBHOOKS_TIMOUT`` would leave the default in force), each with the closest
+    known name, or ``None``."""
+    known = {ENV_PREFIX + "CONFIG", *(env_name(k) for k in ("hooks", *SETTING_KEYS))}
+    suffixes = [name[len(ENV_PREFIX) :] for name in known]  # the shared prefix matches all
+
+    def closest(name: str) -> str | None:
+        found = difflib.get_close_matches(name[len(ENV_PREFIX) :], suffixes, n=1, cutoff=0.6)
+        return ENV_PREFIX + found[0] if found else None
+
+    return [
+        (name, closest(name))
+        for name in sorted(environ)
+        if name.startswith(ENV_PREFIX) and name not in known
+    ]
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -293,9 +341,15 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
             "spool is for the thread dispatcher (unset one of them)"
         )
     if document.get("spool"):
-        problem = _spool_problem(document["spool"])
+        problem = _path_problem(document["spool"])
         if problem:
             raise ConfigError(f"{sources['spool']}: cannot keep the spool there: {problem}")
+    dead_letter = document.get("deadLetter")
+    if dead_letter and not dead_letter.startswith(("redis://", "rediss://")):
+        problem = _path_problem(dead_letter)
+        if problem:
+            where = sources["deadLetter"]
+            raise ConfigError(f"{where}: cannot write dead letters there: {problem}")
     secrets = [("secret", document.get("secret"))]
     secrets += [
         (f"{sources['hooks']}[{i}].secret", hook.get("secret"))
@@ -310,9 +364,10 @@ def _validate(document: dict[str, Any], sources: dict[str, str]) -> None:
             raise ConfigError(f"{sources.get(where, where)}: {e}") from None
 
 
-def _spool_problem(path: str) -> str | None:
-    """Why *path* cannot hold a spool (a folder, not writable), or ``None``. The file
-    and its folder need not exist yet; SQLite writes two more files beside it."""
+def _path_problem(path: str) -> str | None:
+    """Why *path* cannot hold a file this process writes (a spool, dead letters): a
+    folder, not writable; or ``None``. The file and its folder need not exist yet (a
+    spool's SQLite writes two more files beside it)."""
     if os.path.isdir(path):
         return "it is a folder"
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
@@ -343,7 +398,7 @@ def _check_hooks(hooks: list[dict[str, Any]], source: str) -> None:
     for i, hook in enumerate(hooks):
         where = f"{source}[{i}]"
         try:
-            parse_http_url(hook["url"])
+            parse_http_url(ascii_url(hook["url"]))
         except ValueError as e:
             raise ConfigError(f"{where}.url: {mask_url(str(e))}") from None
         for name, value in hook.get("headers", {}).items():
@@ -407,7 +462,9 @@ def _build(document: dict[str, Any]) -> Settings:
         values["retrySchedule"], values.pop("retries"), values.pop("backoff")
     )
     values["endpointConcurrency"] = values["endpointConcurrency"] or 0
-    hooks = tuple(Hook.from_dict(raw, values["secret"]) for raw in document.get("hooks", []))
+    hooks = tuple(
+        Hook.from_dict(raw, values["secret"], i) for i, raw in enumerate(document.get("hooks", []))
+    )
     return Settings(hooks=hooks, **{camel_to_snake(k): v for k, v in values.items()})
 
 

@@ -18,6 +18,7 @@ from .. import signing
 from .._text import describe_error
 from .._trace import HEADERS as TRACE_HEADERS
 from .._trace import attempt_span
+from .._urls import masked_url, short_url
 from .._version import __version__
 from ..config import Hook, Settings
 from .formats import serialize
@@ -148,17 +149,30 @@ class Delivery:
     @classmethod
     def from_record(cls, record: dict[str, Any], settings: Settings, attempts: int = 0) -> Delivery:
         """The delivery a dead-letter record (or a Celery message: the same shape) stands
-        for, keeping its id. It is signed, and gets the headers, of the configured hook
-        with its URL (else the global secret): records never hold either."""
+        for, keeping its id. It goes to the configured hook with the record's
+        fingerprint (``hook``), else with its URL, and is signed and gets the headers of
+        that hook (else the global secret): records never hold either.
+
+        :raises LookupError: when the record's URL is masked (a password or query
+            values: ``***``) and no configured hook has its fingerprint, so that it
+            cannot be sent anywhere.
+        """
         payload = record["payload"]
-        configured = next((h for h in settings.hooks if h.url == record["url"]), None)
+        configured = _configured_hook(record, settings.hooks)
+        url = configured.url if configured else record["url"]
+        if configured is None and masked_url(url) != url:
+            raise LookupError(
+                f"no configured hook has the fingerprint {record.get('hook')} of "
+                f"{short_url(url)}: its URL was masked in the record"
+            )
         hook = Hook(
             method=str(payload.get("method", "*")),
             type=str(payload.get("type", "post")),
-            url=record["url"],
+            url=url,
             format=record.get("format", "json"),
             secret=configured.secret if configured else settings.secret,
             headers=configured.headers if configured else (),
+            index=configured.index if configured else None,
         )
         trace = record.get("trace")
         delivery = cls(
@@ -184,9 +198,10 @@ class Delivery:
         )
 
     def describe(self) -> str:
-        """``vm.start post for call <id> to <url>``: for logs (never params or results)."""
+        """``vm.start post for call <id> to hooks[2] https://host/…``: for logs (never
+        params, results, nor the URL's path, query or password)."""
         method = self._payload.get("method") if self._payload else self.hook.method
-        return f"{method} {self.kind} for call {self.call_id} to {self.hook.url}"
+        return f"{method} {self.kind} for call {self.call_id} to {self.hook.label}"
 
     def to_message(self) -> dict[str, Any]:
         """This delivery as a Celery message carries it: a dead-letter record without
@@ -206,15 +221,18 @@ class Delivery:
         return message
 
     def to_record(self) -> dict[str, Any]:
-        """The dead-letter record of this delivery: :meth:`to_message` and the time it
-        was given up on."""
+        """The dead-letter record of this delivery: :meth:`to_message` with the URL's
+        password and query values masked, the ``hook`` fingerprint of the whole URL,
+        and the time it was given up on."""
         record = self.to_message()
+        record["url"] = masked_url(self.hook.url)
+        record["hook"] = self.hook.fingerprint
         record["failedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return record
 
     def __repr__(self) -> str:
         return (
-            f"Delivery({self.kind} call {self.call_id} to {self.hook.url!r}, id={self.id!r}, "
+            f"Delivery({self.kind} call {self.call_id} to {self.hook.label!r}, id={self.id!r}, "
             f"attempts={self.attempts})"
         )
 
@@ -301,6 +319,16 @@ class Sender:
                 attempt = judge_answer(status, retry_after)
             span.finish(attempt.status, None if attempt.delivered else attempt.error)
         return attempt
+
+
+def _configured_hook(record: dict[str, Any], hooks: Iterable[Hook]) -> Hook | None:
+    """The configured hook a record names: by its fingerprint, else by its URL."""
+    wanted = record.get("hook")
+    if wanted:
+        found = next((h for h in hooks if h.fingerprint == wanted), None)
+        if found is not None:
+            return found
+    return next((h for h in hooks if h.url == record["url"]), None)
 
 
 def _trace_headers(value: Any) -> dict[str, str] | None:

@@ -44,6 +44,11 @@ __all__ = ["Dispatcher", "ThreadDispatcher", "make_dispatcher"]
 logger = logging.getLogger(__name__)
 
 
+#: Fewest hooks given up on that may wait for the recorder thread (at least the queue
+#: size): beyond them a hook is lost rather than written on the request thread.
+RECORDER_MIN = 1000
+
+
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
@@ -167,7 +172,9 @@ class ThreadDispatcher:
         self._stopping = False
         self._closed = False
         self._recorder = Recorder(
-            self.dead_letters.keep, self._count_given_up, self.settings.queue_size
+            self.dead_letters.keep,
+            self._count_given_up,
+            max(RECORDER_MIN, self.settings.queue_size),
         )
 
     # -- the caller's side ------------------------------------------------------------
@@ -257,12 +264,14 @@ class ThreadDispatcher:
         spooler = self._spooler
         if spooler is None:
             with self._idle:
-                return self._idle.wait_for(lambda: self._pending() == 0, timeout)
+                return self._idle.wait_for(lambda: self._unsettled() == 0, timeout)
         self.start()
         with self._idle:  # and nothing in the spool: its retries are pending too
             spooler.flushing(True)
             try:
-                return self._idle.wait_for(lambda: self._pending() == 0 and spooler.idle(), timeout)
+                return self._idle.wait_for(
+                    lambda: self._unsettled() == 0 and spooler.idle(), timeout
+                )
             finally:
                 spooler.flushing(False)
 
@@ -274,7 +283,7 @@ class ThreadDispatcher:
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._idle:  # the hooks in memory; those in the spool wait for the next process
-            self._idle.wait_for(lambda: self._pending() == 0, timeout)
+            self._idle.wait_for(lambda: self._unsettled() == 0, timeout)
         with self._cond:
             self._closed = self._stopping = True
             now = time.monotonic()
@@ -317,6 +326,7 @@ class ThreadDispatcher:
         with self._cond:
             counters = {name: self._counters[name] for name in STAT_NAMES}
             counters["pending"] = self._pending()
+            counters["recording"] = len(self._refused)
         counters["spool_errors"] = 0 if self._spooler is None else self._spooler.errors
         return counters
 
@@ -355,6 +365,11 @@ class ThreadDispatcher:
             self._refused.add(id(delivery))
 
     def _pending(self) -> int:
+        """Hooks in the queue: never more than ``queue_size`` (a refused hook on its way
+        to the dead-letter store is ``recording``, not pending)."""
+        return self._lanes.pending
+
+    def _unsettled(self) -> int:
         return self._lanes.pending + len(self._refused)
 
     # -- the spool --------------------------------------------------------------------
@@ -675,16 +690,23 @@ class ThreadDispatcher:
                     else:
                         self._lanes.put(self._lanes.of(post), post, now)
                 self._cond.notify(len(held))
-        if self._pending() == 0:
+        if self._unsettled() == 0:
             self._idle.notify_all()
             if self._spooler is not None:
                 self._spooler.poke()  # for a flush(): what is left to see is the spool's
 
     def _give_up(self, deliveries: list[Delivery]) -> None:
-        """Have accepted deliveries recorded as failed: by the recorder thread, or here
-        once it is closed or too far behind."""
-        if deliveries and not self._recorder.put(deliveries):
+        """Have accepted deliveries recorded as failed by the recorder thread, never by
+        the caller (a request thread must not wait for a disk): when the recorder is too
+        far behind they are lost (counted, and logged by :class:`DeadLetters`). Once the
+        dispatcher is closed and its recorder stopped, the caller writes them."""
+        if not deliveries or self._recorder.put(deliveries):
+            return
+        if self._recorder.closed:
             self._count_given_up(deliveries, self.dead_letters.keep(deliveries))
+        else:
+            self.dead_letters.lose(deliveries, "the dead-letter recorder is too far behind")
+            self._count_given_up(deliveries, False)
 
     def _count_given_up(self, deliveries: list[Delivery], written: bool) -> None:
         for delivery in deliveries:  # before they are counted: flush() returns after them

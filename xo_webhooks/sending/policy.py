@@ -245,8 +245,12 @@ class DeadLetters:
             else:
                 self._log("kept", deliveries, f"written to {self.store!r}")
                 return True
-        self._log("lost", deliveries, f"lost ({reason}); see stats() for the count")
+        self.lose(deliveries, reason)
         return False
+
+    def lose(self, deliveries: Sequence[Delivery], reason: str) -> None:
+        """Log (at most every ``LOG_INTERVAL`` seconds) that *deliveries* are lost."""
+        self._log("lost", deliveries, f"lost ({reason}); see stats() for the count")
 
     def _log(self, kind: str, deliveries: Sequence[Delivery], outcome: str) -> None:
         now = time.monotonic()

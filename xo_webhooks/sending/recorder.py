@@ -38,6 +38,11 @@ class Recorder(Generic[T]):
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: :meth:`put` refuses everything from then on."""
+        return self._closed
+
     def put(self, items: list[T]) -> bool:
         """Queue *items* for recording; ``False`` (nothing queued) when closed or full."""
         with self._cond:

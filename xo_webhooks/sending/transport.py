@@ -12,6 +12,7 @@ closed while idle detected and replaced, and redirects never followed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import select
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import certifi
 
-from .._urls import mask_url, parse_http_url
+from .._urls import basic_auth, mask_url, parse_http_url, without_userinfo
 
 __all__ = ["Transport", "Route", "MAX_RESPONSE", "SessionFactory"]
 
@@ -65,11 +66,16 @@ class Route:
     host_header: str
     tunnel: tuple[str, int] | None = None
     proxy_headers: dict[str, str] = field(default_factory=dict)
+    auth: str | None = None  #: ``Authorization`` from the URL's ``user:password@``
 
     @classmethod
     def of(cls, url: str, proxies: dict[str, str]) -> Route:
         """The route to *url*, through the proxy *proxies* name for it (as returned by
         :func:`urllib.request.getproxies`), unless ``NO_PROXY`` exempts its host."""
+        return dataclasses.replace(cls._of(without_userinfo(url), proxies), auth=basic_auth(url))
+
+    @classmethod
+    def _of(cls, url: str, proxies: dict[str, str]) -> Route:
         parts = parse_http_url(url)
         https, port = parts.https, parts.port
         origin = parts.host if ":" not in parts.host else f"[{parts.host}]"
@@ -131,6 +137,8 @@ class Transport:
         route = self._routes.get(url) or self._routes.setdefault(url, Route.of(url, self._proxies))
         if route.proxy_headers and route.tunnel is None:  # the proxy reads this request
             headers = {**headers, **route.proxy_headers}
+        if route.auth and not any(name.lower() == "authorization" for name in headers):
+            headers = {**headers, "Authorization": route.auth}  # the hook's own header wins
         deadline = time.monotonic() + self.timeout  # for the whole attempt
         connection, reused = self._connection(route)
         try:
