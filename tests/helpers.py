@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import select
 import shutil
 import socket
 import subprocess
+import threading
 from typing import Any
 
 import pytest
@@ -60,7 +63,8 @@ class RecordingDispatcher:
 def assert_ledger(stats: dict[str, Any]) -> None:
     """The ``stats()`` ledger balances: every hook accepted (or resumed from the spool)
     is delivered, failed, handed to the spool (to wait, or left there at shutdown),
-    pending, on its way to the dead-letter store (recording), or (Celery) published; every failed one dead-lettered or lost."""
+    pending, on its way to the dead-letter store (recording), or (Celery) published;
+    every failed one dead-lettered or lost."""
     assert stats["accepted"] + stats.get("resumed", 0) == (
         stats["delivered"]
         + stats.get("published", 0)
@@ -136,3 +140,48 @@ class RedisServer:
         import redis
 
         return redis.Redis(port=self.port, db=db, socket_timeout=5)
+
+
+class HungReceiver:
+    """A receiver on 127.0.0.1 that accepts every connection and never answers: the
+    peer of an attempt that can only time out. ``close()`` drops the connections."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._wake, self._waker = socket.socketpair()  # close() ends the accept loop
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        self.origin = f"http://127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self._accept, name=f"hung:{port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        with self._lock:
+            return len(self._held)
+
+    def _accept(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._listener, self._wake], [], [])
+            if self._wake in ready:
+                return
+            connection, _ = self._listener.accept()
+            with self._lock:
+                self._held.append(connection)
+
+    def close(self) -> None:
+        if self._listener.fileno() == -1:
+            return  # closed already
+        self._waker.send(b"x")
+        self._thread.join(5)
+        with self._lock:
+            held, self._held = self._held, []
+        for connection in held:
+            with contextlib.suppress(OSError):  # the client may have closed it first
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        for sock in (self._listener, self._wake, self._waker):
+            sock.close()

@@ -18,11 +18,8 @@ The breaker's and the lanes' logic without I/O: test_endpoints.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +37,7 @@ from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.endpoints import endpoint_of
 from xo_webhooks.sending.policy import DeadLetters
 
-from .helpers import assert_ledger
+from .helpers import HungReceiver, assert_ledger
 from .waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
@@ -48,51 +45,6 @@ pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 LOGGER = endpoints.logger.name  # where the transition lines are logged
 #: How ``Breaker.unavailable`` writes a time.
 WHEN = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
-
-
-class HungReceiver:
-    """A receiver on 127.0.0.1 that accepts every connection and never answers: the
-    peer of an attempt that can only time out. ``close()`` drops the connections."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self._wake, self._waker = socket.socketpair()  # close() ends the accept loop
-        self._held: list[socket.socket] = []
-        self._lock = threading.Lock()
-        port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/hook"
-        self.origin = f"http://127.0.0.1:{port}"
-        self._thread = threading.Thread(target=self._accept, name=f"hung:{port}", daemon=True)
-        self._thread.start()
-
-    @property
-    def accepted(self) -> int:
-        """Connections accepted so far."""
-        with self._lock:
-            return len(self._held)
-
-    def _accept(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._listener, self._wake], [], [])
-            if self._wake in ready:
-                return
-            connection, _ = self._listener.accept()
-            with self._lock:
-                self._held.append(connection)
-
-    def close(self) -> None:
-        if self._listener.fileno() == -1:
-            return  # closed already
-        self._waker.send(b"x")
-        self._thread.join(5)
-        with self._lock:
-            held, self._held = self._held, []
-        for connection in held:
-            with contextlib.suppress(OSError):  # the client may have closed it first
-                connection.shutdown(socket.SHUT_RDWR)
-            connection.close()
-        for sock in (self._listener, self._wake, self._waker):
-            sock.close()
 
 
 class GatedStore:

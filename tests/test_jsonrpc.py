@@ -165,6 +165,7 @@ def test_not_a_call(raw: bytes) -> None:
     ],
 )
 def test_parse_outcomes(document: Any, expected: dict) -> None:
+    expected = {outcome_key(k) if not isinstance(k, tuple) else k: v for k, v in expected.items()}
     assert parse_outcomes(body(document)) == expected
 
 
@@ -197,12 +198,14 @@ def test_not_a_response(raw: bytes) -> None:
 @pytest.mark.parametrize(
     ("request_id", "expected"),
     [
-        pytest.param(1, 1, id="int"),
-        pytest.param("1", "1", id="string"),
+        pytest.param(1, ("number", 1), id="int"),
+        pytest.param(1.0, ("number", 1), id="float-is-the-same-number"),
+        pytest.param(True, ("bool", True), id="bool"),
+        pytest.param("1", ("string", "1"), id="string"),
         pytest.param(None, None, id="null"),
-        pytest.param(1.5, 1.5, id="float"),
-        pytest.param({"b": 1, "a": [2]}, '{"a": [2], "b": 1}', id="object-sorted"),
-        pytest.param([1, "x"], '[1, "x"]', id="array"),
+        pytest.param(1.5, ("number", 1.5), id="float"),
+        pytest.param({"b": 1, "a": [2]}, ("json", '{"a": [2], "b": 1}'), id="object-sorted"),
+        pytest.param([1, "x"], ("json", '[1, "x"]'), id="array"),
     ],
 )
 def test_outcome_key(request_id: Any, expected: Any) -> None:
@@ -212,7 +215,10 @@ def test_outcome_key(request_id: Any, expected: Any) -> None:
 
 def test_outcome_key_keeps_string_and_int_ids_apart() -> None:
     outcomes = parse_outcomes(body([{"result": "int", "id": 1}, {"result": "str", "id": "1"}]))
-    assert outcomes == {1: Outcome(result="int"), "1": Outcome(result="str")}
+    assert outcomes == {
+        outcome_key(1): Outcome(result="int"),
+        outcome_key("1"): Outcome(result="str"),
+    }
 
 
 def test_outcomes_are_found_under_the_request_ids() -> None:
@@ -239,4 +245,19 @@ def test_non_json_constants_are_read_as_the_apps_parser_reads_them(constant: byt
     (call,) = parse_calls(body) or []
     assert repr(call.params["x"]) == repr(json.loads(constant))
     outcomes = parse_outcomes(b'{"jsonrpc": "2.0", "id": 1, "result": ' + constant + b"}")
-    assert outcomes is not None and repr(outcomes[1].result) == repr(json.loads(constant))
+    assert outcomes is not None
+    assert repr(outcomes[outcome_key(1)].result) == repr(json.loads(constant))
+
+
+def test_ids_are_matched_with_their_json_type() -> None:
+    # true is never 1 (Python's True == 1), nor "1"; 1 and 1.0 are one number.
+    outcomes = parse_outcomes(
+        body(
+            [{"result": "bool", "id": True}, {"result": "int", "id": 1}, {"result": "s", "id": "1"}]
+        )
+    )
+    assert outcomes is not None
+    assert outcomes[outcome_key(True)].result == "bool"
+    assert outcomes[outcome_key(1)].result == "int"
+    assert outcomes[outcome_key(1.0)].result == "int"
+    assert outcomes[outcome_key("1")].result == "s"

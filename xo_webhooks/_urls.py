@@ -17,7 +17,7 @@ import urllib.parse
 from typing import NamedTuple
 
 __all__ = [
-    "HttpUrl", "parse_http_url", "mask_url", "masked_url", "short_url", "fingerprint",
+    "HttpUrl", "parse_http_url", "mask_url", "masked_url", "is_masked", "short_url", "fingerprint",
     "basic_auth", "without_userinfo", "ascii_url", "endpoint_of",
 ]  # fmt: skip
 
@@ -70,6 +70,13 @@ def masked_url(url: str) -> str:
         for pair in parts.query.split("&")
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def is_masked(url: str) -> bool:
+    """Whether *url* is a :func:`masked_url` that hid a password or a query value."""
+    parts = urllib.parse.urlsplit(url)
+    values = (pair.partition("=")[2] for pair in parts.query.split("&"))
+    return parts.password == MASK or MASK in values
 
 
 @functools.lru_cache(maxsize=1024)

@@ -134,8 +134,21 @@ def _parse_outcome(item: dict[str, Any]) -> Outcome | None:
 
 
 def outcome_key(request_id: Any) -> Any:
-    """The key under which :func:`parse_outcomes` files the response to *request_id*."""
-    # Ids are JSON scalars; dicts and lists are unhashable, so file them by their text.
-    if isinstance(request_id, (dict, list)):
-        return json.dumps(request_id, sort_keys=True)
-    return request_id
+    """The key under which :func:`parse_outcomes` files the response to *request_id*.
+
+    An id is matched with its JSON type: ``true`` is never the id ``1`` (Python's
+    ``True == 1`` would say so), nor ``"1"``. Numbers are matched by value, so ``1``
+    and ``1.0`` are one id: a server may write back ``1.0`` as ``1`` (JavaScript
+    does), and JSON-RPC 2.0 says ids should have no fractional part. ``None`` (null)
+    stays ``None``: the id of an error the server could not tie to a call.
+    """
+    if request_id is None:
+        return None
+    if isinstance(request_id, bool):
+        return ("bool", request_id)
+    if isinstance(request_id, (int, float)):
+        return ("number", request_id)
+    if isinstance(request_id, str):
+        return ("string", request_id)
+    # Objects and arrays (not valid ids, but seen) are unhashable: filed by their text.
+    return ("json", json.dumps(request_id, sort_keys=True))

@@ -29,7 +29,9 @@ from ..sending.delivery import Delivery, new_id
 from ..sending.dispatcher import Dispatcher, make_dispatcher
 from .jsonrpc import Call, Outcome, internal_error, outcome_key, parse_calls, parse_outcomes
 from .matching import HookTable
+from .overlimit import OverLimit
 from .payload import User, post_payload, pre_payload
+from .waiting import deliver_first_attempts
 from .wsgi import Capture, ObservedResponse, read_body
 
 if TYPE_CHECKING:
@@ -156,6 +158,7 @@ class WebhookMiddleware:
         self._bad_users: set[str] = set()  # where an unusable user came from, logged once
         self._bad_users_lock = threading.Lock()
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
+        self._over_limit = OverLimit(self.settings)
         # Called on the first request: a process that serves calls sends what waits in
         # the spool even before a call of its own has a hook (never one that only forks).
         self._first_request: Callable[[], None] | None = getattr(self.dispatcher, "start", None)
@@ -198,12 +201,15 @@ class WebhookMiddleware:
         """Flush for up to *timeout* seconds (default ``XO_WEBHOOKS_SHUTDOWN_TIMEOUT``),
         stop delivering, and dead-letter what is left. Also runs at interpreter exit."""
         self.dispatcher.close(timeout)
+        self._over_limit.close(timeout)
 
     def stats(self) -> dict[str, int]:
         """Delivery counters since start: accepted, delivered, retried, failed,
-        dead_lettered, lost, pending; with a spool, spooled, left, resumed and
-        spool_errors too (see the README's Delivery guarantees)."""
-        return self.dispatcher.stats()
+        dead_lettered, lost, pending, recording; with a spool, spooled, left, resumed
+        and spool_errors too; and over_limit, the hooks of calls beyond
+        ``XO_WEBHOOKS_MAX_CALLS`` in one request, never accepted (see the README's
+        Delivery guarantees)."""
+        return {**self.dispatcher.stats(), "over_limit": self._over_limit.hooks}
 
     def endpoint_stats(self) -> dict[str, dict[str, Any]]:
         """For each endpoint (a hook URL's scheme, host and port): its ``state``
@@ -283,7 +289,7 @@ class WebhookMiddleware:
         body = read_body(environ, self.settings.max_body)
         if not body or not self._may_match(body):
             return []
-        matched = self._matched(parse_calls(body) or [])
+        matched = self._over_limit.split(self._matched(parse_calls(body) or []))
         if not matched:
             return []
         try:
@@ -351,8 +357,10 @@ class WebhookMiddleware:
                     waiting.append(Delivery(hook, pre, trace=trace))
                 elif hook.pre:
                     self.dispatcher.submit(Delivery(hook, pre, trace=trace))
-        for delivery in waiting:  # by design, the call waits for these
-            self.dispatcher.deliver_now(delivery)
+        if waiting:  # by design, the call waits for these: one timeout at most
+            deliver_first_attempts(
+                self.dispatcher, waiting, self.settings.max_workers, self.settings.timeout
+            )
         return tracked
 
     def _observe(

@@ -18,7 +18,7 @@ from .. import signing
 from .._text import describe_error
 from .._trace import HEADERS as TRACE_HEADERS
 from .._trace import attempt_span
-from .._urls import masked_url, short_url
+from .._urls import is_masked, masked_url, short_url
 from .._version import __version__
 from ..config import Hook, Settings
 from .formats import serialize
@@ -160,7 +160,7 @@ class Delivery:
         payload = record["payload"]
         configured = _configured_hook(record, settings.hooks)
         url = configured.url if configured else record["url"]
-        if configured is None and masked_url(url) != url:
+        if configured is None and is_masked(url):
             raise LookupError(
                 f"no configured hook has the fingerprint {record.get('hook')} of "
                 f"{short_url(url)}: its URL was masked in the record"

@@ -17,6 +17,7 @@ Values are copied only where something changes: a clean payload is returned as i
 from __future__ import annotations
 
 import math
+import operator
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -113,7 +114,9 @@ class _Walk:
             return self._object(value, depth)
         if isinstance(value, (list, tuple)):
             items = [self.clean(item, depth + 1) for item in value]
-            unchanged = isinstance(value, list) and all(a is b for a, b in zip(items, value))
+            unchanged = isinstance(value, list) and all(
+                a is b for a, b in zip(items, value, strict=True)
+            )
             return value if unchanged else items
         return self._stand_in(str(value))
 

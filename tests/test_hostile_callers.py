@@ -1,0 +1,243 @@
+"""Hostile callers and careless configurations (issue #14): no request holds a thread
+for long, floods the queue or writes to disk; misspelt settings and URLs that are
+credentials are caught or kept out of logs and records. Real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+
+from xo_webhooks import load_settings
+from xo_webhooks.config import Hook
+from xo_webhooks.errors import ConfigError
+from xo_webhooks.sending.deadletter import read_records
+from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.dispatcher import ThreadDispatcher
+
+from .apps import create_app
+from .helpers import PRE, HungReceiver, assert_ledger
+from .waiting import wait_until
+
+
+def batch(method: str, count: int, notification: bool = False) -> list[dict[str, Any]]:
+    calls = [{"jsonrpc": "2.0", "method": method, "params": {"n": n}} for n in range(count)]
+    if not notification:
+        for n, call in enumerate(calls):
+            call["id"] = n
+    return calls
+
+
+@pytest.fixture
+def hung():
+    receiver = HungReceiver()
+    yield receiver
+    receiver.close()
+
+
+def test_wait_for_response_in_a_batch_costs_one_timeout_at_most(hung, serve, wrap):
+    # 20 calls against a receiver that never answers, 0.5 s timeout: sequentially 10 s.
+    app = create_app()
+    hooks = [{"method": "vm.start", "type": "pre", "url": hung.url, "waitForResponse": True}]
+    app.wsgi_app = middleware = wrap(app.wsgi_app, hooks=hooks, timeout=0.5, retries=1)
+    url = serve(app).url + "/api"
+    started = time.monotonic()
+    answer = requests.post(url, json=batch("vm.start", 20), timeout=30)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 200 and len(answer.json()) == 20
+    assert elapsed < 2.0, f"the batch waited {elapsed:.1f} s"
+    assert middleware.stats()["accepted"] == 20  # every pre hook is on its way
+    hung.close()  # its attempts end at once
+
+
+def test_calls_over_max_calls_reach_the_app_and_leave_one_record(
+    webhook_receiver, serve, wrap, tmp_path
+):
+    dead = tmp_path / "dead.jsonl"
+    app = create_app()
+    hooks = [{"method": "vm.*", "type": "pre/post", "url": webhook_receiver.url}]
+    app.wsgi_app = middleware = wrap(app.wsgi_app, hooks=hooks, max_calls=3, dead_letter=str(dead))
+    url = serve(app).url + "/api"
+    body = batch("vm.start", 4) + batch("vm.fail", 3)
+    answer = requests.post(url, json=body, timeout=10)
+    assert len(answer.json()) == 7  # the app ran every call
+    wait_until(lambda: len(webhook_receiver.attempts) == 6, what="the hooks of 3 calls")
+    assert middleware.flush(10)
+    middleware.close(5)
+    assert len(webhook_receiver.attempts) == 6  # pre and post of the first 3 calls
+    stats = middleware.stats()
+    assert stats["over_limit"] == 8 and stats["accepted"] == 6
+    assert_ledger(stats)
+    (record,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert record["kind"] == "over_limit" and record["calls"] == 4 and record["hooks"] == 8
+    assert record["methods"] == {"vm.start": 1, "vm.fail": 3}
+
+
+def test_a_flood_never_exceeds_the_queue_bound_nor_writes_on_the_request_thread(
+    hung, tmp_path, monkeypatch
+):
+    fsyncs: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    settings = load_settings([], {}, queue_size=50, timeout=0.5, retries=1,
+                             dead_letter=str(tmp_path / "dead.jsonl"))  # fmt: skip
+    dispatcher = ThreadDispatcher(settings)
+    hook = Hook(method="vm.start", type="pre", url=hung.url)
+    most = 0
+    try:
+        for n in range(3000):
+            dispatcher.submit(Delivery(hook, {**PRE, "callId": f"c{n}"}))
+            most = max(most, dispatcher.stats()["pending"])
+        stats = dispatcher.stats()
+    finally:
+        hung.close()
+        dispatcher.close(5)
+    assert most <= 50
+    assert_ledger(stats)
+    assert threading.current_thread().name not in fsyncs
+    assert stats["lost"] + stats["dead_lettered"] + stats["recording"] >= 2900
+
+
+def test_the_request_thread_never_writes_a_refused_hook_and_counts_it_lost(tmp_path, caplog):
+    # A recorder that cannot keep up: what it cannot take is lost, logged, not written.
+    gate = threading.Event()
+
+    class SlowStore:
+        records: list[dict] = []
+
+        def append(self, records) -> None:
+            gate.wait(5)
+            self.records.extend(records)
+
+    settings = load_settings([], {}, queue_size=1, timeout=0.5)
+    dispatcher = ThreadDispatcher(settings)
+    dispatcher.dead_letters.store = SlowStore()
+    hook = Hook(method="vm.start", type="pre", url="http://127.0.0.1:9/")
+    try:
+        for n in range(1200):  # the lane holds 1; the recorder at most 1000
+            dispatcher.submit(Delivery(hook, {**PRE, "callId": f"c{n}"}))
+        stats = dispatcher.stats()
+        assert stats["lost"] >= 190 and stats["pending"] <= 1
+        assert any("too far behind" in r.getMessage() for r in caplog.records)
+    finally:
+        gate.set()
+        dispatcher.close(5)
+    assert_ledger(dispatcher.stats())
+
+
+def test_batch_ids_true_and_1_get_their_own_outcomes(webhook_receiver, serve, wrap):
+    app = create_app()
+    hooks = [{"method": "vm.*", "type": "post", "url": webhook_receiver.url}]
+    app.wsgi_app = wrap(app.wsgi_app, hooks=hooks)
+    url = serve(app).url + "/api"
+    body = [
+        {"jsonrpc": "2.0", "id": True, "method": "vm.start", "params": {"id": "a"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "vm.fail"},
+    ]
+    requests.post(url, json=body, timeout=10)
+    # The post hooks are queued once the server has closed the response: wait for them.
+    wait_until(lambda: len(webhook_receiver.attempts) == 2, what="both post hooks")
+    by_method = {h.payload["method"]: h.payload for h in webhook_receiver.attempts}
+    assert by_method["vm.start"]["result"] == {"id": "a", "power_state": "Running"}
+    assert by_method["vm.fail"]["error"]["code"] == 13
+
+
+def test_a_misspelt_setting_is_logged_with_the_closest_name(caplog):
+    caplog.set_level(logging.WARNING)
+    load_settings([], {"XO_WEBHOOKS_TIMOUT": "2"})
+    (line,) = [r.getMessage() for r in caplog.records if "TIMOUT" in r.getMessage()]
+    assert "did you mean XO_WEBHOOKS_TIMEOUT?" in line
+
+
+def check_config(**env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("XO_WEBHOOKS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "xo_webhooks", "check-config", *env.pop("args", "").split()],
+        env={**environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_config_lists_unknown_variables_and_fails():
+    result = check_config(XO_WEBHOOKS_TIMOUT="2")
+    assert result.returncode == 1
+    assert "XO_WEBHOOKS_TIMOUT (did you mean XO_WEBHOOKS_TIMEOUT?)" in result.stdout
+
+
+def test_check_config_masks_url_secrets_unless_asked():
+    hooks = json.dumps([{"method": "a", "type": "pre",
+                         "url": "https://bob:hunter2@h.example/x?sig=S3CR3T"}])  # fmt: skip
+    masked = check_config(XO_WEBHOOKS_HOOKS=hooks)
+    assert masked.returncode == 0
+    assert "hunter2" not in masked.stdout and "S3CR3T" not in masked.stdout
+    assert "https://bob:***@h.example/x?sig=***" in masked.stdout
+    whole = check_config(XO_WEBHOOKS_HOOKS=hooks, args="--show-urls")
+    assert "https://bob:hunter2@h.example/x?sig=S3CR3T" in whole.stdout
+
+
+def test_an_unwritable_dead_letter_path_fails_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path, tmp_path / "file" / "dead.jsonl"):
+        with pytest.raises(ConfigError, match="XO_WEBHOOKS_DEAD_LETTER: cannot write dead"):
+            load_settings([], {"XO_WEBHOOKS_DEAD_LETTER": str(path)})
+    result = check_config(XO_WEBHOOKS_DEAD_LETTER=str(tmp_path))
+    assert result.returncode == 1 and "cannot write dead letters there" in result.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "requests"])
+def test_url_credentials_go_as_basic_auth_and_stay_out_of_logs_and_records(
+    transport, webhook_receiver, refused_url, tmp_path, caplog
+):
+    url = webhook_receiver.url.replace("http://", "http://bob:p%40ss@") + "?token=T0K3N"
+    settings = load_settings([], {}, transport=transport)
+    dispatcher = ThreadDispatcher(settings)
+    try:
+        dispatcher.submit(Delivery(Hook(method="m", type="pre", url=url), PRE))
+        assert dispatcher.flush(10)
+    finally:
+        dispatcher.close(5)
+    (hook,) = webhook_receiver.attempts
+    assert hook.headers["authorization"] == "Basic " + base64.b64encode(b"bob:p@ss").decode()
+    # A failing one: logs name its position and origin, the record masks the secrets.
+    secret_url = refused_url.replace("http://", "http://bob:hunter2@") + "services/T0/B0?sig=S1G"
+    dead = tmp_path / "dead.jsonl"
+    settings = load_settings([{"method": "m", "type": "pre", "url": secret_url}], {},
+                             retries=1, backoff=0.01, dead_letter=str(dead))  # fmt: skip
+    dispatcher = ThreadDispatcher(settings)
+    try:
+        dispatcher.submit(Delivery(settings.hooks[0], PRE))
+        assert dispatcher.flush(10)
+    finally:
+        dispatcher.close(5)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "hooks[0] http://127.0.0.1:" in logged
+    for secret in ("hunter2", "S1G", "T0/B0"):
+        assert secret not in logged
+    (record,) = read_records(str(dead))
+    assert "hunter2" not in record["url"] and record["url"].endswith("services/T0/B0?sig=***")
+    # replay finds the configured hook by its fingerprint and sends to its whole URL
+    assert Delivery.from_record(record, settings).hook.url == secret_url
+    with pytest.raises(LookupError, match="no configured hook has the fingerprint"):
+        Delivery.from_record(record, load_settings([], {}))
+
+
+def test_a_url_that_is_not_ascii_is_encoded_or_refused_at_start():
+    hook = {"method": "m", "type": "pre", "url": "https://bücher.example/päth?q=é"}
+    (loaded,) = load_settings([hook], {}).hooks
+    assert loaded.url == "https://xn--bcher-kva.example/p%C3%A4th?q=%C3%A9"
+    bad = {**hook, "url": "https://" + "a" * 70 + "ü.example/"}
+    with pytest.raises(ConfigError, match=r"hooks\[0\]\.url: the host name cannot be IDNA"):
+        load_settings([bad], {})

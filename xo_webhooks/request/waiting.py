@@ -1,0 +1,88 @@
+"""``waitForResponse`` pre hooks: the request waits for their first attempts, made
+concurrently, and for one timeout at most in all.
+
+A batch of calls with such hooks would otherwise hold its request thread for one
+timeout per hook (20 calls against a hung receiver: 20 timeouts). Here up to
+``max_workers`` short-lived threads make the first attempts side by side; the request
+waits until they are all done or ``timeout`` has passed, and a hook whose attempt has
+not started by then is queued like any other hook, not waited for.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..sending.delivery import Delivery
+    from ..sending.dispatcher import Dispatcher
+
+__all__ = ["deliver_first_attempts"]
+
+logger = logging.getLogger(__name__)
+
+
+def deliver_first_attempts(
+    dispatcher: Dispatcher, deliveries: Sequence[Delivery], workers: int, timeout: float
+) -> None:
+    """Make the first attempt of each of *deliveries* (``dispatcher.deliver_now``) in up
+    to *workers* threads; return once all are done, or after *timeout* seconds, when
+    those not yet started are queued (``dispatcher.submit``) instead."""
+    if len(deliveries) == 1:  # the common case: no thread to start
+        dispatcher.deliver_now(deliveries[0])
+        return
+    attempts = _FirstAttempts(dispatcher, deliveries, time.monotonic() + timeout)
+    for number in range(min(workers, len(deliveries))):
+        threading.Thread(
+            target=attempts.work, name=f"xo-webhooks-wait-{number}", daemon=True
+        ).start()
+    attempts.wait()
+
+
+class _FirstAttempts:
+    """The first attempts of one request's ``waitForResponse`` hooks."""
+
+    def __init__(self, dispatcher: Dispatcher, deliveries: Sequence[Delivery], deadline: float):
+        self._dispatcher = dispatcher
+        self._deadline = deadline
+        self._todo = collections.deque(deliveries)
+        self._left = len(deliveries)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def work(self) -> None:
+        """Take hooks until none is left: attempt each, or queue it when too late."""
+        while True:
+            try:
+                delivery = self._todo.popleft()  # atomic: each hook is taken once
+            except IndexError:
+                return
+            try:
+                if time.monotonic() < self._deadline:
+                    self._dispatcher.deliver_now(delivery)
+                else:
+                    self._dispatcher.submit(delivery)
+            except Exception:  # the middleware's own failure: the request goes on
+                logger.exception("xo-webhooks could not send a waitForResponse hook")
+            with self._lock:
+                self._left -= 1
+                if not self._left:
+                    self._done.set()
+
+    def wait(self) -> None:
+        """Wait for the attempts until the deadline; then queue what none has started."""
+        if self._done.wait(max(0.0, self._deadline - time.monotonic())):
+            return
+        while True:
+            try:
+                delivery = self._todo.popleft()
+            except IndexError:
+                return
+            try:
+                self._dispatcher.submit(delivery)
+            except Exception:
+                logger.exception("xo-webhooks could not queue a waitForResponse hook")
