@@ -28,6 +28,7 @@ from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 from xo_webhooks.errors import ConfigError
 from xo_webhooks.receiver import HookReceiver, make_receiver, serve
 from xo_webhooks.receiving import receiver as receiver_module
+from xo_webhooks.receiving.server import ReceiverServer
 from xo_webhooks.signing import generate_secret, sign
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
@@ -440,17 +441,66 @@ def test_a_replayed_id_is_acknowledged_but_not_run_twice(receivers, folders, log
     assert "replayed webhook-id" in log.text
 
 
-def test_remembered_ids_are_bounded(receivers, folders, monkeypatch):
+def test_a_full_replay_cache_refuses_new_hooks_rather_than_forget_an_id(
+    receivers, folders, monkeypatch
+):
     monkeypatch.setattr(receiver_module, "SEEN_IDS", 3)
     scripts, out, _ = folders
-    app = receivers(scripts)
+    app = receivers(scripts, SECRET)
     client = Client(app)
-    for msg_id in ["a", "b", "c", "d", "a"]:  # "a" was forgotten when "d" came
-        response = client.post("/", data=encode(hook()), headers={"webhook-id": msg_id})
-        assert response.status_code == 204
-    assert client.post("/", data=encode(hook()), headers={"webhook-id": "d"}).status_code == 204
+    body = encode(hook())
+    sent = {msg_id: signed(body, msg_id=msg_id) for msg_id in "abcd"}
+    assert [client.post("/", data=body, headers=sent[m]).status_code for m in "abc"] == [204] * 3
+    full = client.post("/", data=body, headers=sent["d"])
+    assert full.status_code == 503
+    assert 295 <= int(full.headers["Retry-After"]) <= 302  # when "a" expires
+    assert client.post("/", data=body, headers=sent["a"]).status_code == 204  # not run again
     assert app.drain(10)
-    assert len(lines(out / "runs")) == 5
+    assert len(lines(out / "runs")) == 3
+
+
+def test_an_id_is_kept_until_it_expires_and_no_longer():
+    seen = receiver_module._SeenIds(2)
+    assert seen.add("a", until=10, now=0)
+    assert not seen.add("a", until=10, now=10)  # a replay, up to the last moment
+    assert seen.add("b", until=30, now=1)
+    with pytest.raises(receiver_module._ReplaysFull) as full:
+        seen.add("c", until=40, now=5)
+    assert full.value.retry_after == 5  # when "a" expires
+    assert seen.add("c", until=40, now=10.5)  # "a" expired: room again
+    assert seen.add("a", until=50, now=30.5)  # "b" expired; "a" is new again
+    assert not seen.add("c", until=40, now=31)
+
+
+def test_an_id_expiring_behind_a_later_one_waits_for_it():
+    seen = receiver_module._SeenIds(2)
+    assert seen.add("late", until=100, now=0)  # a sender whose clock runs ahead
+    assert seen.add("early", until=10, now=1)
+    with pytest.raises(receiver_module._ReplaysFull) as full:
+        seen.add("next", until=60, now=20)
+    assert full.value.retry_after == 80
+    assert seen.add("early", until=70, now=21)  # expired, so new, though still stored
+
+
+def test_a_signed_id_is_kept_while_its_signature_lives(receivers, monkeypatch):
+    kept = []  # how long each id is kept, in seconds
+
+    def add(self, msg_id, until, now):
+        kept.append(until - now)
+        return True
+
+    monkeypatch.setattr(receiver_module._SeenIds, "add", add)
+    app = receivers(secret=SECRET, tolerance=300)
+    body = encode(hook())
+    ages = [0, 200, 290]
+    for age in ages:
+        headers = signed(body, ts=int(time.time()) - age)
+        assert Client(app).post("/", data=body, headers=headers).status_code == 204
+    # until webhook-timestamp + tolerance, plus a second; the timestamp is whole seconds
+    assert all(300 - age < seconds <= 301 - age for age, seconds in zip(ages, kept, strict=True))
+    unsigned = receivers(tolerance=300)
+    assert Client(unsigned).post("/", data=body, headers={"webhook-id": "x"}).status_code == 204
+    assert kept[-1] == 300
 
 
 # --- scripts ---------------------------------------------------------------------------
@@ -583,6 +633,8 @@ def test_after_close_hooks_get_503(receivers, folders):
         pytest.param({"max_body": -1}, "max_body", id="max_body"),
         pytest.param({"script_timeout": 0}, "script_timeout", id="script_timeout"),
         pytest.param({"tolerance": -1}, "tolerance", id="tolerance"),
+        pytest.param({"tolerance": float("inf")}, "tolerance", id="tolerance-inf"),
+        pytest.param({"tolerance": float("nan")}, "tolerance", id="tolerance-nan"),
         pytest.param({"max_workers": 0}, "max_workers", id="max_workers"),
         pytest.param({"max_queue": 0}, "max_queue", id="max_queue"),
     ],
@@ -755,19 +807,21 @@ def test_serve(tmp_path, folders, monkeypatch):
     created = []
     ready = threading.Event()
 
-    def capture(*args, **kwargs):
-        created.append(make_server(*args, **kwargs))
-        created[-1].daemon_threads = False  # so that stopping it joins its request threads
-        ready.set()
-        return created[-1]
+    class Captured(ReceiverServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+            ready.set()
 
-    monkeypatch.setattr(receiver_module, "make_server", capture)
+    monkeypatch.setattr(receiver_module, "ReceiverServer", Captured)
+    limits = {"read_timeout": 5, "max_connections": 8}
     thread = threading.Thread(
-        target=serve, kwargs={"port": 0, "scripts_dir": scripts, "secret": SECRET}
+        target=serve, kwargs={"port": 0, "scripts_dir": scripts, "secret": SECRET, **limits}
     )
     thread.start()
     try:
         assert ready.wait(10)
+        assert (created[0].read_timeout, created[0].max_connections) == (5, 8)
         url = f"http://127.0.0.1:{created[0].server_port}/"
         body = encode(hook())
         assert requests.post(url, data=body, headers=signed(body), timeout=10).status_code == 204

@@ -254,6 +254,27 @@ def test_a_script_past_its_time_limit_is_killed(runners, tmp_path, log, body):
     assert alive == [], "these processes outlived the time limit"
 
 
+def test_the_time_limit_counts_until_the_script_exits_not_until_its_output_closes(
+    runners, tmp_path, log
+):
+    # A child in its own session (setsid) keeps the script's output open after the
+    # script has exited 0: the worker must not wait for it, nor call the script killed.
+    escaped = tmp_path / "escaped"
+    body = f'setsid sh -c \'echo $$ > "$1"; exec sleep 600\' sh "{escaped}" &\necho started\n'
+    runner = make_runner(runners, tmp_path, timeout=20)
+    started = time.monotonic()
+    assert runner.submit(job(script(tmp_path, "escape.sh", body)))
+    drained = runner.drain(5)
+    elapsed = time.monotonic() - started
+    pid = int(wait_until(lambda: escaped.exists() and escaped.read_text().strip()))
+    try:
+        assert os.getsid(pid) == pid  # out of reach of the group kill, as documented
+    finally:
+        process_is_gone(pid, timeout=0)  # kills it
+    assert drained and elapsed < 5, "the worker waited for the escaped child"
+    assert messages(log) == ["hook script job exited with status 0; output: 'started\\n'"]
+
+
 def under_a_file(tmp_path: Path) -> str:
     return script(tmp_path, "x.sh", "echo never\n") + "/y.sh"
 

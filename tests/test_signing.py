@@ -114,9 +114,12 @@ def test_custom_tolerance():
     verify(SECRET, BODY, headers_for(ts=NOW), tolerance=0, now=NOW)
 
 
-def test_negative_tolerance_is_a_programming_error():
+@pytest.mark.parametrize("tolerance", [-1, float("nan"), float("inf"), float("-inf")])
+def test_a_negative_or_non_finite_tolerance_is_a_programming_error(tolerance):
+    # nan compares false with everything: it used to accept any timestamp at all
+    stale = headers_for(ts=NOW - 10**9)
     with pytest.raises(ValueError, match="tolerance"):
-        verify(SECRET, BODY, headers_for(), tolerance=-1, now=NOW)
+        verify(SECRET, BODY, stale, tolerance=tolerance, now=NOW)
 
 
 @pytest.mark.parametrize("order", ["old-first", "new-first"])
@@ -149,6 +152,51 @@ def test_header_names_are_case_insensitive():
     environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers_for().items()}
     verify(SECRET, BODY, EnvironHeaders(environ), now=NOW)
     verify(SECRET, BODY, {k: v.encode() for k, v in headers_for().items()}, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        pytest.param(lambda h: list(h.items()), id="list"),
+        pytest.param(lambda h: [(k.title(), v) for k, v in h.items()], id="title-case"),
+        pytest.param(lambda h: tuple((k.encode(), v.encode()) for k, v in h.items()), id="asgi"),
+        pytest.param(lambda h: iter([("other", "x"), *h.items()]), id="iterator"),
+    ],
+)
+def test_headers_may_be_name_value_pairs(pairs):
+    verify(SECRET, BODY, pairs(headers_for()), now=NOW)
+
+
+def test_among_pairs_the_first_of_a_name_counts():
+    good = list(headers_for().items())
+    verify(SECRET, BODY, [*good, ("webhook-id", "msg_other")], now=NOW)
+    with pytest.raises(SignatureError, match="no matching signature"):
+        verify(SECRET, BODY, [("Webhook-Id", "msg_other"), *good], now=NOW)
+
+
+class Unreadable(dict):
+    def get(self, key, default=None):
+        raise RuntimeError("this mapping cannot be read")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(None, id="none"),
+        pytest.param(42, id="int"),
+        pytest.param(object(), id="object"),
+        pytest.param("webhook-id: msg_1", id="str"),
+        pytest.param([("webhook-id",)], id="short-pair"),
+        pytest.param([("webhook-id", "msg_1", "extra")], id="long-pair"),
+        pytest.param([42], id="not-a-pair"),
+        pytest.param(Unreadable(headers_for()), id="raising-mapping"),
+    ],
+)
+def test_headers_that_cannot_be_read_raise_signature_error_only(headers):
+    with pytest.raises(SignatureError, match="headers cannot be read") as info:
+        verify(SECRET, BODY, headers, now=NOW)
+    assert type(info.value) is SignatureError
+    assert info.value.__suppress_context__
 
 
 MALFORMED = [

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from ._text import shorten
-from ._urls import endpoint_of, mask_url
+from ._urls import endpoint_of, mask_url, masked_url
 from ._version import __version__
-from .config import ENV_PREFIX, Settings, load_settings
+from .config import ENV_PREFIX, Settings, load_settings, unknown_variables
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,13 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=8000, help="0 picks a free port (default: %(default)s)"
     )
 
-    command(
+    check = command(
         "check-config",
         cmd_check_config,
         "Print the hooks and settings the middleware would load",
         "The configuration is read from the environment (XO_WEBHOOKS_HOOKS, "
         "XO_WEBHOOKS_CONFIG, ...) exactly as the middleware reads it; exit 1 with the "
-        "reason if it is invalid.",
+        "reason if it is invalid, or if an XO_WEBHOOKS_ variable names no setting. URLs "
+        "are shown with their password and query values masked.",
+    )
+    check.add_argument(
+        "--show-urls", action="store_true", help="print the hook URLs whole, secrets included"
     )
 
     test = command(
@@ -162,13 +166,29 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument(
         "--secret", metavar="whsec_...", help=f"require signed hooks (default: {ENV_PREFIX}SECRET)"
     )
+    receive.add_argument(
+        "--read-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="time a client has to send its whole request, headers and body (default: %(default)g)",
+    )
+    receive.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=256,
+        help="connections served at once; more are answered 503 with Retry-After "
+        "(default: %(default)s)",
+    )
 
     replay = command(
         "replay",
         cmd_replay,
         "Re-send the hooks of a dead-letter file",
         "Each record goes to its URL with the configured retries; the file keeps only "
-        "those that still fail (exit 1 if any).",
+        "those that still fail, and the lines that are not usable records, as they were "
+        "(exit 1 if any). Also takes the working files of replays that died.",
     )
     replay.add_argument("file", metavar="FILE", help="the dead-letter file (JSON Lines)")
 
@@ -297,17 +317,22 @@ def _one_line(error: BaseException) -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings()
-    _print_hooks(settings, sys.stdout)
+    _print_hooks(settings, sys.stdout, show_urls=args.show_urls)
     _print_endpoints(settings, sys.stdout)
     print("\nsettings:")
     for field in dataclasses.fields(settings):
         if field.name != "hooks":
             value = getattr(settings, field.name)
             print(f"  {ENV_PREFIX}{field.name.upper()}={_setting(field.name, value)}")
-    return 0
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        print(f"\n{len(unknown)} unknown variable(s), ignored:")
+        for name, closest in unknown:
+            print(f"  {name}" + (f" (did you mean {closest}?)" if closest else ""))
+    return 1 if unknown else 0
 
 
-def _print_hooks(settings: Settings, out: TextIO) -> None:
+def _print_hooks(settings: Settings, out: TextIO, show_urls: bool = False) -> None:
     if not settings.hooks:
         print(
             f"no hooks configured ({ENV_PREFIX}HOOKS or {ENV_PREFIX}CONFIG): "
@@ -317,7 +342,14 @@ def _print_hooks(settings: Settings, out: TextIO) -> None:
         return
     rows = [("METHOD", "TYPE", "URL", "FORMAT", "WAITFORRESPONSE", "SIGNED")]
     rows += [
-        (h.method, h.type, mask_url(h.url), h.format, _yes(h.wait_for_response), _yes(h.signed))
+        (
+            h.method,
+            h.type,
+            h.url if show_urls else masked_url(h.url),
+            h.format,
+            _yes(h.wait_for_response),
+            _yes(h.signed),
+        )  # fmt: skip
         for h in settings.hooks
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -500,11 +532,15 @@ def cmd_receive(args: argparse.Namespace) -> int:
         except ConfigError as e:
             reason = str(e).partition(":")[2]
             raise CommandError(f"{source}:{reason}", status) from None
+    limits = {"read_timeout": args.read_timeout, "max_connections": args.max_connections}
     _configure_logging()
     try:
         with _sigterm_as_interrupt():
-            receiver.serve(host=args.host, port=args.port, scripts_dir=args.scripts, secret=secret)
-    except ConfigError as e:  # the scripts folder
+            receiver.serve(args.host, args.port, args.scripts, secret, **limits)
+    except ConfigError as e:  # the scripts folder (1), or a limit out of range (usage, 2)
+        option, _, reason = str(e).partition(":")
+        if option in limits:
+            raise CommandError(f"--{option.replace('_', '-')}:{reason}", USAGE) from None
         raise CommandError(str(e).replace("scripts_dir:", "--scripts:", 1)) from None
     except OSError as e:
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
@@ -532,10 +568,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise
         raise CommandError(f"cannot replay {target}: {type(e).__name__}: {e}") from None
     spooled = f", waiting in the spool {report.spooled}" if settings.spool else ""
+    unusable = f", unusable {report.unusable} (kept as they were)" if report.unusable else ""
     print(
-        f"read {report.read}, delivered {report.delivered}, still failing {report.failed}" + spooled
+        f"read {report.read}, delivered {report.delivered}, still failing {report.failed}"
+        + spooled
+        + unusable
     )
-    return FAILED if report.failed else 0
+    return FAILED if report.failed or report.unusable else 0
 
 
 # -- spool ------------------------------------------------------------------------------

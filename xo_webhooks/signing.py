@@ -20,11 +20,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import SignatureError
 
@@ -49,12 +50,19 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 _DIGEST_SIZE = hashlib.sha256().digest_size
 
 
+@runtime_checkable
 class HeaderSource(Protocol):
-    """What :func:`verify` needs of headers: a ``dict``, werkzeug's or Flask's headers..."""
+    """What :func:`verify` needs of a mapping of headers: a ``dict``, werkzeug's or
+    Flask's headers..."""
 
     def get(self, key: str, /) -> Any: ...
 
     def items(self) -> Iterable[tuple[Any, Any]]: ...
+
+
+#: Headers as :func:`verify` takes them: a mapping, or (name, value) pairs such as
+#: ``http.client``'s ``getheaders()`` or an ASGI scope's ``headers`` (bytes are fine).
+Headers = HeaderSource | Iterable[tuple[Any, Any]]
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -76,7 +84,7 @@ def generate_secret() -> str:
 def verify(
     secret: str,
     body: bytes | str,
-    headers: HeaderSource,
+    headers: Headers,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     now: float | None = None,
@@ -85,18 +93,21 @@ def verify(
 
     :param secret: the shared ``whsec_<base64>`` secret (see :func:`parse_secret`).
     :param body: the raw request body, exactly as received (a ``str`` is encoded as UTF-8).
-    :param headers: the request headers, any mapping; names are matched
-        case-insensitively (a plain ``dict`` works, so do werkzeug's and Flask's headers).
+    :param headers: the request headers: any mapping (a plain ``dict``, werkzeug's or
+        Flask's headers) or an iterable of ``(name, value)`` pairs, names and values
+        ``str`` or ASCII ``bytes``; names are matched case-insensitively, and among
+        pairs the first of a name counts.
     :param tolerance: how many seconds ``webhook-timestamp`` may differ from *now*,
-        in the past or in the future (default 300, i.e. five minutes).
+        in the past or in the future (default 300, i.e. five minutes); finite, >= 0.
     :param now: the current time in epoch seconds; defaults to :func:`time.time`.
     :raises SignatureError: a header is missing or malformed, the timestamp is out of
-        tolerance, or no ``v1`` signature matches.
-    :raises ValueError: *secret* is not a valid secret: the caller's mistake, not the
+        tolerance, no ``v1`` signature matches, or *headers* cannot be read.
+    :raises ValueError: *secret* is not a valid secret, or *tolerance* is negative or
+        not finite (``nan`` would accept any timestamp): the caller's mistake, not the
         request's.
     """
-    if tolerance < 0:
-        raise ValueError("tolerance must be >= 0")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError("tolerance must be a finite number >= 0")
     key = parse_secret(secret)
     msg_id = _header(headers, _ID)
     raw_timestamp = _header(headers, _TIMESTAMP)
@@ -129,14 +140,12 @@ def verify(
         raise SignatureError("no matching signature in the webhook-signature header")
 
 
-def _header(headers: HeaderSource, name: str) -> str:
+def _header(headers: Headers, name: str) -> str:
     """Return header *name* (lower case) from *headers*, matched case-insensitively."""
-    value = headers.get(name)
-    if value is None:
-        for key, candidate in headers.items():
-            if isinstance(key, str) and key.lower() == name:
-                value = candidate
-                break
+    try:
+        value = _find(headers, name)
+    except Exception:  # a container that cannot be read signs nothing: refuse, never crash
+        raise SignatureError("the request headers cannot be read") from None
     if isinstance(value, bytes):
         try:
             value = value.decode("ascii")
@@ -145,6 +154,24 @@ def _header(headers: HeaderSource, name: str) -> str:
     if value is None or not isinstance(value, str) or not value.strip():
         raise SignatureError(f"missing or empty {name} header")
     return value
+
+
+def _find(headers: Headers, name: str) -> object:
+    """The value of header *name* in a mapping or in (name, value) pairs, or ``None``."""
+    pairs: Iterable[tuple[Any, Any]]
+    if isinstance(headers, HeaderSource):  # a mapping: its own lookup first (it may ignore case)
+        value = headers.get(name)
+        if value is not None:
+            return value
+        pairs = headers.items()
+    else:
+        pairs = headers
+    for key, value in pairs:
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")  # never fails; a non-ASCII name matches nothing
+        if isinstance(key, str) and key.lower() == name:
+            return value
+    return None
 
 
 def _v1_signatures(header: str) -> list[bytes]:

@@ -1,7 +1,8 @@
 """Internal: receiving hooks.
 
-``receiver`` (the safe receiver: checks each request, then runs its script) and
-``scripts`` (the script runner). It imports nothing of the request path nor of the
+``receiver`` (the safe receiver: checks each request, then runs its script),
+``scripts`` (the script runner) and ``server`` (the HTTP server of ``serve()``, guarded
+against slow and greedy clients). It imports nothing of the request path nor of the
 sending side. Public name: :mod:`xo_webhooks.receiver`.
 """
 

@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from jsonschema.exceptions import ValidationError
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from .._streams import read_at_most
@@ -36,6 +37,7 @@ from ..errors import ConfigError, SignatureError
 from ..schema import error_message, validator
 from ..signing import DEFAULT_TOLERANCE, parse_secret, verify
 from .scripts import ScriptJob, ScriptRunner
+from .server import MAX_CONNECTIONS, READ_TIMEOUT, ReceiverServer
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -48,7 +50,10 @@ logger = logging.getLogger(__name__)
 
 METHOD_RE = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_METHOD_LENGTH = 200
-SEEN_IDS = 10_000  # webhook-ids remembered to refuse replays
+# Most webhook-ids remembered to refuse replays, each until its signature expires
+# (tolerance seconds after its webhook-timestamp): 333 hooks a second for the default
+# 300 s, about 20 MB. Beyond, hooks are refused (503) rather than an id forgotten early.
+SEEN_IDS = 100_000
 _LOG_LIMIT = 200  # characters of a payload value shown in the log
 _MAX_REASONS = 3  # schema problems named in a 400 answer
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -63,12 +68,19 @@ class HookReceiver:
     A valid hook gets 204 at once; a ``webhook-id`` seen before gets 204 and nothing
     runs. The script ``<scripts_dir>/<method>-<type>.sh`` then runs on a worker thread.
 
+    A ``webhook-id`` is remembered until a replay of its request would fail the
+    signature check anyway (*tolerance* seconds after its ``webhook-timestamp``;
+    without a secret, *tolerance* seconds after it came), for at most
+    :data:`SEEN_IDS` ids at a time: beyond, hooks are answered 503 (``Retry-After``
+    says when an id expires) rather than an id forgotten while it could be replayed.
+
     :param scripts_dir: the folder of hook scripts; ``None`` only logs the hooks.
     :param secret: a ``whsec_`` secret; when set, requests must carry a valid
         Standard Webhooks signature.
     :param max_body: the largest body accepted, in bytes.
     :param script_timeout: seconds a script may run before its process group is killed.
-    :param tolerance: seconds ``webhook-timestamp`` may differ from the clock.
+    :param tolerance: seconds ``webhook-timestamp`` may differ from the clock, and
+        how long a ``webhook-id`` is remembered against replays.
     :param max_workers: how many scripts run at the same time.
     :param max_queue: how many scripts may be queued or running; beyond that a hook
         is answered 503 so that the sender retries later.
@@ -93,7 +105,7 @@ class HookReceiver:
     ) -> None:
         _require(max_body >= 0, "max_body must be >= 0")
         _require(script_timeout > 0, "script_timeout must be > 0")
-        _require(tolerance >= 0, "tolerance must be >= 0")
+        _require(math.isfinite(tolerance) and tolerance >= 0, "tolerance must be finite, >= 0")
         _require(max_workers >= 1, "max_workers must be >= 1")
         _require(max_queue >= 1, "max_queue must be >= 1")
         if secret is not None:
@@ -163,9 +175,8 @@ class HookReceiver:
             return _text(refused.status, refused.reason)
 
         msg_id = request.headers.get("webhook-id")
-        if msg_id and not self._seen.add(msg_id):
-            logger.info("ignored a replayed webhook-id %s", _loggable(msg_id))
-            return _no_content()
+        if msg_id and (seen := self._remember(msg_id, request)) is not None:
+            return seen
         job = self._job_for(payload, body)
         if job is not None and not self._runner.submit(job):
             if msg_id:
@@ -175,6 +186,29 @@ class HookReceiver:
         if logger.isEnabledFor(logging.INFO):
             logger.info("%s", _describe(payload))
         return _no_content()
+
+    def _remember(self, msg_id: str, request: Request) -> Response | None:
+        """Remember *msg_id*; return the answer if it is a replay or there is no room."""
+        now = time.monotonic()
+        try:
+            first = self._seen.add(msg_id, self._forget_at(request, now), now)
+        except _ReplaysFull as full:
+            logger.warning("refused a hook: %d recent webhook-ids kept, no room", SEEN_IDS)
+            retry_after = {"Retry-After": str(full.retry_after)}
+            return _text(503, "too many recent webhook-ids to remember, retry later", **retry_after)
+        if first:
+            return None
+        logger.info("ignored a replayed webhook-id %s", _loggable(msg_id))
+        return _no_content()
+
+    def _forget_at(self, request: Request, now: float) -> float:
+        """When (on the monotonic clock, read at *now*) a replay of *request* would fail
+        the signature check anyway, so that its ``webhook-id`` can be forgotten."""
+        if self._secret is None:  # no signature expires: keep it the same time
+            return now + self.tolerance
+        signed_at = int(request.headers["webhook-timestamp"])  # checked by verify()
+        # A second more: the wall clock and the monotonic one are not read together.
+        return now + max(0.0, signed_at + self.tolerance - time.time()) + 1
 
     def _job_for(self, payload: Mapping[str, Any], body: bytes) -> ScriptJob | None:
         """Return the script to run for *payload*, or ``None`` (and say why in the log)."""
@@ -235,18 +269,29 @@ def serve(
     port: int = 3000,
     scripts_dir: str | os.PathLike[str] | None = None,
     secret: str | None = None,
+    *,
+    read_timeout: float = READ_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
     **kwargs: Any,
 ) -> None:
-    """Serve a receiver with werkzeug's threaded server until interrupted (Ctrl-C).
+    """Serve a receiver with werkzeug's threaded server until interrupted (Ctrl-C),
+    guarded against slow and greedy clients (see :mod:`.server`).
 
     :param host: the address to listen on; keep the default unless a proxy is in front.
     :param port: the TCP port; 0 picks a free one.
     :param scripts_dir: the folder of hook scripts, or ``None`` to only log hooks.
     :param secret: the ``whsec_`` secret, or ``None`` to accept unsigned hooks.
+    :param read_timeout: seconds a client has to send its whole request, headers and
+        body (default 10); past it the connection is closed.
+    :param max_connections: most connections served at once (default 256); each one
+        more is answered 503 with ``Retry-After`` at once.
     :param kwargs: further keyword arguments of :func:`make_receiver`.
+    :raises ConfigError: an argument is invalid.
     """
     receiver = make_receiver(scripts_dir, secret, **kwargs)
-    server = make_server(host, port, receiver, threaded=True)
+    server = ReceiverServer(
+        host, port, receiver, read_timeout=read_timeout, max_connections=max_connections
+    )
     logger.info(
         "receiving hooks on http://%s:%d/ (scripts: %s; signatures: %s)",
         host,
@@ -273,24 +318,45 @@ class _Refused(Exception):
         self.reason = reason
 
 
+class _ReplaysFull(Exception):
+    """:class:`_SeenIds` has no room for another id before one expires."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 class _SeenIds:
-    """The last *size* webhook-ids, as digests so that long ids cost no more memory."""
+    """Webhook-ids, each until a time of the monotonic clock; at most *size* at once.
+
+    Ids are kept as digests, so that long ones cost no more memory, in the order they
+    came, and expired ones go from the front: an id that expires before one that came
+    earlier (a sender's clock running ahead makes an id live longer) leaves with it.
+    So room may be freed a little late, but an id is never forgotten early.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._ids: OrderedDict[bytes, None] = OrderedDict()
+        self._ids: OrderedDict[bytes, float] = OrderedDict()  # digest -> when it expires
         self._lock = threading.Lock()
 
-    def add(self, msg_id: str) -> bool:
-        """Remember *msg_id*; return ``False`` if it was already known."""
+    def add(self, msg_id: str, until: float, now: float) -> bool:
+        """Remember *msg_id* until *until*; return ``False`` if it is already known.
+
+        :raises _ReplaysFull: *size* ids are kept and none has expired at *now*.
+        """
         key = _digest(msg_id)
         with self._lock:
-            if key in self._ids:
-                self._ids.move_to_end(key)
-                return False
-            self._ids[key] = None
-            if len(self._ids) > self._size:
+            while self._ids and next(iter(self._ids.values())) < now:
                 self._ids.popitem(last=False)
+            known = self._ids.pop(key, None)
+            if known is not None and known >= now:
+                self._ids[key] = max(known, until)  # a new signature of it lives longer
+                return False
+            if len(self._ids) >= self._size:
+                first = next(iter(self._ids.values()))
+                raise _ReplaysFull(max(1, math.ceil(first - now)))
+            self._ids[key] = until
             return True
 
     def discard(self, msg_id: str) -> None:
@@ -320,6 +386,8 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes:
             if len(body) > limit:
                 raise _Refused(413, f"the body is larger than {limit} bytes")
             return body
+    except TimeoutError:  # the server's read deadline (see .server)
+        raise _Refused(408, "the body did not arrive in time") from None
     except (OSError, ValueError, HTTPException):
         raise _Refused(400, "the body could not be read") from None
     if chunked:  # reading an unframed chunked body could block or overrun: refuse it

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 4096  # bytes of a script's output kept for the log
 _READ_SIZE = 65536
+# Seconds between looks at whether a script has exited while its output stays open
+# and quiet (the same tick as subprocess's own wait with a timeout).
+_EXIT_POLL = 0.05
+# Seconds a script's output is still read once it has exited: what is left in the pipe
+# comes at once; a process the script left running may keep it open, and is not waited for.
+_AFTER_EXIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -151,37 +157,75 @@ class ScriptRunner:
 def _collect(process: subprocess.Popen[bytes], deadline: float) -> tuple[bytes, int, bool]:
     """Read what *process* prints until it exits or *deadline* passes, then kill its group.
 
+    The time limit counts until the script exits, not until its output closes: a
+    process it left running in the background may hold the output open long after (one
+    in a session of its own, ``setsid``, even out of reach of the group kill). It is
+    neither waited for nor killed: once the script has exited, what is left in the pipe
+    is read for at most :data:`_AFTER_EXIT` seconds, and the pipe closed.
+
     Return the first :data:`OUTPUT_LIMIT` bytes of output, how many more were
     dropped, and whether the time limit was hit.
     """
     assert process.stdout is not None
-    kept = bytearray()
-    dropped = 0
-    timed_out = False
-    fd = process.stdout.fileno()
+    output = _Output(process.stdout.fileno())
     with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            if not selector.select(remaining):
-                continue
-            chunk = os.read(fd, _READ_SIZE)
-            if not chunk:  # end of output: every process of the group closed it
-                break
-            room = max(0, OUTPUT_LIMIT - len(kept))
-            kept += chunk[:room]
-            dropped += len(chunk) - len(chunk[:room])
-    if not timed_out:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    if timed_out:
-        with contextlib.suppress(ProcessLookupError):  # the group is already gone
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        selector.register(output.fd, selectors.EVENT_READ)
+        timed_out = not _wait_for_exit(process, selector, output, deadline)
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):  # the group is already gone
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        _read_until(selector, output, time.monotonic() + _AFTER_EXIT)
     process.stdout.close()
-    return bytes(kept), dropped, timed_out
+    return bytes(output.kept), output.dropped, timed_out
+
+
+def _wait_for_exit(
+    process: subprocess.Popen[bytes],
+    selector: selectors.BaseSelector,
+    output: _Output,
+    deadline: float,
+) -> bool:
+    """Read *output* until *process* exits; return ``False`` if *deadline* came first."""
+    while process.poll() is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if output.closed:  # only the exit is left to wait for
+            try:
+                process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        # Quiet but open output says nothing of the exit: look again every tick.
+        if selector.select(min(remaining, _EXIT_POLL)):
+            output.read()
+    return True
+
+
+def _read_until(selector: selectors.BaseSelector, output: _Output, until: float) -> None:
+    """Read *output* until it closes, nothing comes, or *until* passes."""
+    while not output.closed:
+        remaining = until - time.monotonic()
+        if remaining <= 0 or not selector.select(remaining):
+            return
+        output.read()
+
+
+class _Output:
+    """A script's output pipe: the first :data:`OUTPUT_LIMIT` bytes kept, the rest counted."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.kept = bytearray()
+        self.dropped = 0
+        self.closed = False  # every process holding it has closed it
+
+    def read(self) -> None:
+        """Read once what is there (the pipe is readable)."""
+        chunk = os.read(self.fd, _READ_SIZE)
+        if not chunk:
+            self.closed = True
+        room = max(0, OUTPUT_LIMIT - len(self.kept))
+        self.kept += chunk[:room]
+        self.dropped += len(chunk) - len(chunk[:room])
