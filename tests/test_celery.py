@@ -479,10 +479,13 @@ def test_a_payload_with_values_json_cannot_hold_is_published_with_stand_ins(brok
 
 
 def test_a_failing_dead_letter_store_counts_the_hook_lost_and_logs_it(tmp_path, caplog):
-    # Nothing listens on the broker's port, and the dead-letter "file" is a folder.
+    # Nothing listens on the broker's port, and the dead-letter "file" becomes a folder
+    # (one that is a folder at start is a ConfigError).
     broker_url = f"redis://127.0.0.1:{free_port()}/0"
+    dead = tmp_path / "dead.jsonl"
     settings = load_settings([hook("http://127.0.0.1:9/")], {}, broker_url=broker_url,
-                             dead_letter=str(tmp_path))  # fmt: skip
+                             dead_letter=str(dead))  # fmt: skip
+    dead.mkdir()
     dispatcher = CeleryDispatcher(settings)
     try:
         with caplog.at_level(logging.ERROR, logger="xo_webhooks.sending.policy"):

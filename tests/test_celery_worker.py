@@ -193,7 +193,8 @@ def test_a_failing_dead_letter_store_loses_the_hook_and_says_so(
     make_worker, markers, webhook_receiver, tmp_path, caplog
 ):
     webhook_receiver.respond_with(410)
-    worker = make_worker(dead_letter=str(tmp_path))  # a folder: it cannot be written
+    worker = make_worker(dead_letter=str(tmp_path / "dead.jsonl"))
+    (tmp_path / "dead.jsonl").mkdir()  # a folder now: it cannot be written
     pre = message(worker, "pre")
     with caplog.at_level(logging.ERROR, logger="xo_webhooks.sending.policy"):
         assert worker.run(FakeTask(), pre) == "failed"

@@ -6,14 +6,20 @@ written to them (``DeadLetters``).
 The contract of a store:
 
 - ``append`` keeps a batch of records, one compact JSON value each, after whatever is
-  there, and raises when it cannot (the caller then counts the hooks lost);
-- ``taken()`` removes every record and yields them; records appended meanwhile are
-  kept apart; a crash in the block leaves the taken records in a working copy;
-- damaged records are skipped and logged, never fatal.
+  there, and raises when it cannot (the caller then counts the hooks lost), leaving
+  the store as it was: never a torn record (a full disk, for real on a small tmpfs);
+- ``taken()`` removes every record and yields the usable ones; records appended
+  meanwhile are kept apart; a crash in the block leaves the taken records in a working
+  copy, which the file's next ``taken()`` takes unless its replay still holds its lock;
+- damaged records, and records that cannot be sent (``record_problem``), are logged,
+  never fatal, and put back as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import json
 import logging
@@ -25,13 +31,21 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from xo_webhooks import Hook, load_settings
-from xo_webhooks.sending.deadletter import DeadLetterFile, parse_record, read_records
+from xo_webhooks.sending import deadletter
+from xo_webhooks.sending.deadletter import (
+    DeadLetterFile,
+    parse_record,
+    read_records,
+    record_problem,
+)
 from xo_webhooks.sending.delivery import Delivery
+from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.policy import DeadLetters, open_dead_letter
 
 from .helpers import POST, PRE, RedisServer, skip_without_redis
@@ -89,8 +103,8 @@ def test_appends_go_after_what_is_there(path):
 
 
 def test_concurrent_writers_never_interleave(path):
-    # Separate instances have separate locks: only O_APPEND and one write() per
-    # record keep the lines whole.
+    # Separate instances have separate thread locks: only the file's lock keeps the
+    # lines whole, and each writer's check for a torn last line right.
     barrier = threading.Barrier(4)
 
     def write(worker: int) -> None:
@@ -105,9 +119,7 @@ def test_concurrent_writers_never_interleave(path):
     for thread in threads:
         thread.join()
     with open(path, encoding="utf-8") as f:
-        # A writer may see another's line half-written, take it for torn and add a
-        # newline after it: a blank line, which readers skip.
-        lines = [line for line in f.read().splitlines() if line]
+        lines = f.read().splitlines()
     assert sorted(json.loads(line)["payload"]["n"] for line in lines) == sorted(
         w * 100 + n for w in range(4) for n in range(25)
     )
@@ -116,8 +128,8 @@ def test_concurrent_writers_never_interleave(path):
 @pytest.mark.parametrize(
     ("last", "expected"),
     [
-        pytest.param(b'{"url": "u", "payl', [1, 3], id="torn-by-a-crash"),
-        pytest.param(b'{"url": "u", "payload": {"n": 2}}', [1, 2, 3], id="complete-no-newline"),
+        pytest.param(b'{"url": "http://h/", "payl', [1, 3], id="torn-by-a-crash"),
+        pytest.param(compact(record(2)).encode(), [1, 2, 3], id="complete-no-newline"),
     ],
 )
 def test_a_last_line_without_newline_does_not_swallow_the_next_record(path, last, expected):
@@ -134,6 +146,118 @@ def test_append_raises_when_the_file_cannot_be_written(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError):
         DeadLetterFile(str(tmp_path / "file" / "dead.jsonl")).append([record(1)])
+
+
+def short_writes(monkeypatch, then: OSError | None, at_most: int = 491) -> list[int]:
+    """Make os.write take at most *at_most* bytes a call, as on a disk that is nearly
+    full; after the first call, raise *then* (when given), as a full one does. Returns
+    the sizes written."""
+    write, written = os.write, []
+
+    def short(fd: int, data: Any) -> int:
+        if written and then is not None:
+            raise then
+        written.append(write(fd, bytes(data[:at_most])))
+        return written[-1]
+
+    monkeypatch.setattr(os, "write", short)
+    return written
+
+
+def test_a_short_write_is_followed_by_the_rest(path, monkeypatch):
+    DeadLetterFile(path).append([record(1)])
+    written = short_writes(monkeypatch, then=None, at_most=100)
+    DeadLetterFile(path).append([record(2, padding="x" * 1200)])
+    assert len(written) > 1  # the record took several calls
+    assert read_records(path) == [record(1), record(2, padding="x" * 1200)]
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"url": "http://h/", "pay'], ids=["whole", "torn"])
+def test_a_write_that_fails_after_a_short_one_leaves_the_file_as_it_was(path, monkeypatch, torn):
+    DeadLetterFile(path).append([record(1)])
+    with open(path, "ab") as f:
+        f.write(torn)  # a crash's torn line stays what it was: no newline added
+    before = Path(path).read_bytes()
+    written = short_writes(monkeypatch, then=OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        DeadLetterFile(path).append([record(2, padding="x" * 1200), record(3)])
+    assert written == [491]  # part of a record was on disk, then taken back
+    assert Path(path).read_bytes() == before
+
+
+def test_a_failed_fsync_takes_the_records_back(path, monkeypatch):
+    DeadLetterFile(path).append([record(1)])
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        DeadLetterFile(path).append([record(2)])
+    assert read_records(path) == [record(1)]
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A folder on a tmpfs of 1 MiB of its own, unmounted at teardown; skipped where
+    mounting is not allowed (it needs root). As in test_spool."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of *folder*; return the file that filled it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)  # to the last byte: raises only once none fits
+    return filler
+
+
+def test_a_full_disk_loses_the_hooks_counted_and_leaves_no_torn_record(small_disk, caplog):
+    """For real: the record's first bytes fill the last page of the file, the rest
+    finds no room. The hook is lost, and said so; the file is as it was."""
+    path = small_disk / "dead.jsonl"
+    first = record(1, padding="x" * 3000)  # its page keeps about 1 KiB free
+    DeadLetterFile(str(path)).append([first])
+    filler = fill(small_disk)
+    before = path.read_bytes()
+    dead_letters = DeadLetters(load_settings(environ={}, dead_letter=str(path)))
+    delivery = failed_delivery()
+    delivery.payload["result"] = {"padding": "y" * 2000}  # more than the page's room
+    assert dead_letters.keep([delivery]) is False
+    assert path.read_bytes() == before
+    (log,) = caplog.records
+    assert log.levelno == logging.ERROR
+    assert "No space left on device" in log.getMessage() and "lost" in log.getMessage()
+    filler.unlink()
+    assert dead_letters.keep([failed_delivery()])  # room again: kept
+    assert [r["id"] for r in read_records(str(path))] == ["msg_1", "msg_1"]
+
+
+def test_a_full_disk_counts_a_dispatchers_hook_lost(small_disk, refused_url):
+    path = small_disk / "dead.jsonl"
+    DeadLetterFile(str(path)).append([record(1, padding="x" * 3000)])
+    fill(small_disk)
+    before = path.read_bytes()
+    settings = load_settings(environ={}, dead_letter=str(path), retries=0, timeout=5)
+    dispatcher = ThreadDispatcher(settings)
+    try:
+        hook = Hook(method="vm.start", type="post", url=refused_url)
+        dispatcher.submit(Delivery(hook, {**POST, "result": {"padding": "y" * 2000}}))
+        assert dispatcher.flush(10)
+    finally:
+        dispatcher.close(5)
+    stats = dispatcher.stats()
+    assert (stats["failed"], stats["dead_lettered"], stats["lost"]) == (1, 0, 1)
+    assert path.read_bytes() == before
 
 
 def test_taken_moves_the_file_aside_and_removes_it_when_done(path):
@@ -158,48 +282,218 @@ def test_a_crash_while_taken_leaves_the_working_file(path):
     assert not os.path.exists(path)
 
 
-def test_a_second_take_with_the_same_pid_keeps_the_leftover(path):
-    """A reused pid (pid 1 in a container) must not overwrite a crashed replay's file."""
+def test_a_second_take_with_the_same_pid_takes_the_leftover_too(path):
+    """A crashed replay's file is taken by the next replay, even when that one has the
+    same pid (pid 1 in a container), which is alive: its lock says it is gone."""
     store = DeadLetterFile(path)
     store.append([record(1)])
     with pytest.raises(RuntimeError), store.taken():
         raise RuntimeError("replay crashed")
     store.append([record(2)])
-    with store.taken():
-        pass
-    (left,) = glob.glob(f"{path}.replaying-{os.getpid()}-*")
-    assert [r["payload"]["n"] for r in read_records(left)] == [1]
+    with store.taken() as records:
+        assert [r["payload"]["n"] for r in records] == [1, 2]  # the older ones first
+    assert os.listdir(os.path.dirname(path)) == []
 
 
-def test_taken_of_a_missing_file_raises(path):
-    with pytest.raises(FileNotFoundError), DeadLetterFile(path).taken():
-        pass  # the CLI turns it into "no such file"
+def test_taken_leaves_the_working_file_of_a_live_replay(path):
+    store = DeadLetterFile(path)
+    store.append([record(1)])
+    with store.taken() as first:  # a live replay: it holds its working file's lock
+        (working,) = glob.glob(f"{path}.replaying-*")
+        store.append([record(2)])
+        with store.taken() as second:
+            assert [r["payload"]["n"] for r in second] == [2]
+        assert [r["payload"]["n"] for r in first] == [1]
+        assert glob.glob(f"{path}.replaying-*") == [working]
+        with pytest.raises(FileNotFoundError), store.taken():
+            pass  # nothing to take: the live one's file is not
+    assert os.listdir(os.path.dirname(path)) == []
+
+
+def test_a_killed_replays_file_is_taken_once_its_process_is_gone(path):
+    """A real process takes the file and is killed (SIGKILL: no cleanup at all) while
+    it holds it; only then may another take it."""
+    store = DeadLetterFile(path)
+    store.append([record(1), record(2)])
+    code = (
+        "import sys\n"
+        "from xo_webhooks.sending.deadletter import DeadLetterFile\n"
+        "with DeadLetterFile(sys.argv[1]).taken() as records:\n"
+        "    print(len(records), flush=True)\n"
+        "    sys.stdin.read()\n"  # until killed
+    )
+    replaying = subprocess.Popen(
+        [sys.executable, "-c", code, path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert replaying.stdout.readline() == "2\n"  # it holds the file now
+        store.append([record(3)])
+        with store.taken() as records:
+            assert [r["payload"]["n"] for r in records] == [3]  # not the live one's
+    finally:
+        replaying.kill()
+        replaying.communicate(timeout=30)
+    (working,) = glob.glob(f"{path}.replaying-{replaying.pid}-*")
+    with store.taken() as records:
+        assert [r["payload"]["n"] for r in records] == [1, 2]
+    assert not os.path.exists(working)
+
+
+def test_a_replay_finishing_meanwhile_is_not_taken_for_dead(path, monkeypatch):
+    """A replay that removes its working file (then lets its lock go) between another
+    replay's opening of that file and its lock: the lock is free, but the file is no
+    longer there, and is not taken."""
+    store = DeadLetterFile(path)
+    store.append([record(1)])
+    running = contextlib.ExitStack()
+    running.enter_context(store.taken())
+    (working,) = glob.glob(f"{path}.replaying-*")
+    opened = deadletter._open
+
+    def open_then_the_owner_finishes(name: str, flags: int) -> int:
+        fd = opened(name, flags)
+        running.close()
+        return fd
+
+    monkeypatch.setattr(deadletter, "_open", open_then_the_owner_finishes)
+    assert deadletter._claim(working) is None
+    assert not os.path.exists(working)
+
+
+def test_an_append_that_a_replay_overtakes_goes_to_the_new_file(path, monkeypatch):
+    """The app opens the file; a replay takes it before the app writes: the record goes
+    to the file now at the path, not into the replay's, read already and removed."""
+    store = DeadLetterFile(path)
+    store.append([record(1)])
+    replaying = contextlib.ExitStack()
+    opened, opens = deadletter._open, []
+
+    def overtaken(name: str, flags: int) -> int:
+        fd = opened(name, flags)
+        opens.append(name)
+        if len(opens) == 1:  # the app's first open: the replay starts now
+            taken = replaying.enter_context(store.taken())
+            assert [r["payload"]["n"] for r in taken] == [1]
+        return fd
+
+    monkeypatch.setattr(deadletter, "_open", overtaken)
+    with replaying:
+        store.append([record(2)])
+        assert opens == [path, path, path]  # the app's, the replay's, the app's again
+        (working,) = glob.glob(f"{path}.replaying-*")
+        assert [r["payload"]["n"] for r in read_records(working)] == [1]
+    assert [r["payload"]["n"] for r in read_records(path)] == [2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_keep_a_lock_of_its_parent(path):
+    """A worker forked while another thread of its parent appends: the child's copy of
+    the descriptor would hold the file's lock for as long as the child lives."""
+    held = deadletter._open_locked(path, os.O_RDWR | os.O_CREAT)
+    (ready, readied), (go, went) = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: lives on, holding whatever it inherited
+        try:
+            os.write(readied, b"x")  # after the fork's hooks
+            os.read(go, 1)
+        finally:
+            os._exit(0)
+    os.close(readied)  # a child that died: end of file, not a wait
+    os.close(go)
+    try:
+        assert os.read(ready, 1) == b"x"
+        deadletter._unlock(held)  # the parent's append is done
+        other = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: not held by the child
+        finally:
+            os.close(other)
+    finally:
+        os.write(went, b"x")
+        os.close(went)
+        os.close(ready)
+        os.waitpid(pid, 0)
+
+
+def test_taken_puts_back_unusable_lines_as_they_were(path, caplog):
+    unusable = [
+        b'{"url": "http://h/", "payl',  # torn
+        b"[1, 2]",
+        b'{"url": "http://h/", "payload": [1]}',
+        b'{"url": "http://h/", "payload": {"name": "\xff"}, "attempts": "3"}',  # not UTF-8
+    ]
+    lines = [compact(record(1)).encode(), *unusable[:2], b"  ", *unusable[2:]]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines))  # the last one torn: no newline
+    store = DeadLetterFile(path)
+    with store.taken() as records:
+        assert ([r["payload"]["n"] for r in records], records.unusable) == ([1], 4)
+        store.append([record(2)])  # what still failed, or the app's
+    kept = [compact(record(2)).encode(), *unusable]
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(line + b"\n" for line in kept)
+    assert len(caplog.records) == 4
+    with store.taken() as records:  # and again: nothing lost, nothing doubled
+        assert ([r["payload"]["n"] for r in records], records.unusable) == ([2], 4)
 
 
 def test_read_records_skips_and_logs_what_is_not_a_record(path, caplog):
     lines = [
         compact(record(1)),
-        '{"url": "u", "payl',  # torn
+        '{"url": "http://h/", "payl',  # torn
         "",  # blank: skipped silently
         "[1, 2]",  # JSON, not a record
-        '{"url": "u"}',  # no payload
+        '{"url": "http://h/"}',  # no payload
         compact(record(2)),
     ]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     assert [r["payload"]["n"] for r in read_records(path)] == [1, 2]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}:2: skipped a damaged dead-letter record",
-        f"{path}:4: skipped a value that is not a dead-letter record",
-        f"{path}:5: skipped a value that is not a dead-letter record",
+        f"{path}:2: a damaged dead-letter record (not JSON)",
+        f"{path}:4: not a usable dead-letter record: not a JSON object",
+        f"{path}:5: not a usable dead-letter record: its payload is not a JSON object",
     ]
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
 def test_read_records_survives_bytes_that_are_not_utf8(path):
     with open(path, "wb") as f:
-        f.write(b'{"url": "u", "payload": {"name": "\xff"}}\n')
-    assert read_records(path) == [{"url": "u", "payload": {"name": "\ufffd"}}]
+        f.write(b'{"url": "http://h/", "payload": {"name": "\xff"}}\n')
+    assert read_records(path) == [{"url": "http://h/", "payload": {"name": "\ufffd"}}]
+
+
+GOOD = {"id": "msg_1", "url": "https://h:8443/x?y", "format": "slack", "attempts": 3,
+        "lastError": None, "payload": {"callId": 7, "type": "pre"}, "trace": "any"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param(GOOD, None, id="usable"),
+        pytest.param({"url": "http://h", "payload": {}}, None, id="least"),
+        pytest.param([GOOD], "not a JSON object", id="list"),
+        pytest.param({**GOOD, "url": 42}, "its url is not a string", id="url-int"),
+        pytest.param({**GOOD, "url": "ftp://h/"}, "its url is not an http(s) URL", id="url-ftp"),
+        pytest.param({**GOOD, "url": "http://h:99999/"}, "its url is not an http", id="port"),
+        pytest.param({**GOOD, "url": "http://[::1/"}, "its url is not an http", id="ipv6"),
+        pytest.param({**GOOD, "url": "http:///x"}, "its url is not an http", id="no-host"),
+        pytest.param({**GOOD, "payload": [1]}, "its payload is not a JSON object", id="payload"),
+        pytest.param({"url": "http://h"}, "its payload is not a JSON object", id="no-payload"),
+        pytest.param({**GOOD, "payload": {"callId": [1]}}, "its payload's callId", id="call-id"),
+        pytest.param({**GOOD, "id": 5}, "its id is not a string", id="id"),
+        pytest.param({**GOOD, "format": "xml"}, "its format is not one of json,", id="format"),
+        pytest.param({**GOOD, "format": ["json"]}, "its format is not one of", id="format-list"),
+        pytest.param({**GOOD, "attempts": "3"}, "its attempts is not a count", id="attempts"),
+        pytest.param({**GOOD, "attempts": True}, "its attempts is not a count", id="bool"),
+        pytest.param({**GOOD, "attempts": -1}, "its attempts is not a count", id="negative"),
+        pytest.param({**GOOD, "lastError": {}}, "its lastError is not a string", id="error"),
+    ],
+)
+def test_record_problem_says_what_cannot_be_sent(value, problem):
+    found = record_problem(value)
+    assert found is None if problem is None else found.startswith(problem)
 
 
 @pytest.mark.parametrize("text", [compact(record(1)), compact(record(1)).encode()])
@@ -211,8 +505,8 @@ def test_parse_record_names_where_the_damage_is(caplog):
     assert parse_record(b"\x00garbage", "dead.jsonl:7") is None
     assert parse_record("42", "list[3]") is None
     assert [r.getMessage() for r in caplog.records] == [
-        "dead.jsonl:7: skipped a damaged dead-letter record",
-        "list[3]: skipped a value that is not a dead-letter record",
+        "dead.jsonl:7: a damaged dead-letter record (not JSON)",
+        "list[3]: not a usable dead-letter record: not a JSON object",
     ]
 
 
@@ -286,7 +580,9 @@ def test_dead_letters_redact_before_the_store_sees_a_record():
     store = Collector()
     assert DeadLetters(settings, store=store).keep([failed_delivery()])
     (kept,) = store.records
-    assert set(kept) == {"id", "url", "format", "payload", "attempts", "lastError", "failedAt"}
+    assert set(kept) == {
+        "id", "url", "format", "payload", "attempts", "lastError", "failedAt", "hook"
+    }  # fmt: skip
     assert kept["payload"]["params"] == {
         "id": "vm-1",
         "hunter2": "***",
@@ -451,18 +747,32 @@ def test_redis_taken_of_an_empty_store_yields_nothing(server, stores):
         assert records == []
 
 
-def test_redis_taken_skips_and_logs_damaged_values(server, client, stores, caplog):
+def test_redis_taken_puts_back_damaged_values_as_they_were(server, client, stores, caplog):
     store = open_store(stores, server.url + "/0?key=dl")
-    client.rpush("dl", compact(record(1)), b'{"url": "u", "payl', b"[1]", compact(record(2)))
+    unusable = [b'{"url": "http://h/", "payl', b"[1]", b'{"url": 1, "payload": {}}']
+    client.rpush("dl", compact(record(1)), *unusable[:2], compact(record(2)), unusable[2])
     with store.taken() as records:
-        assert [r["payload"]["n"] for r in records] == [1, 2]
+        assert ([r["payload"]["n"] for r in records], records.unusable) == ([1, 2], 3)
+        store.append([record(3)])  # what still failed, or a worker's
     assert working_keys(client, "dl") == []
+    assert client.lrange("dl", 0, -1) == [compact(record(3)).encode(), *unusable]
     (where,) = {r.getMessage().split("[")[0] for r in caplog.records}
     assert where.startswith(f"dl:replaying:{socket.gethostname()}:{os.getpid()}:")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{where}[2]: skipped a damaged dead-letter record",
-        f"{where}[3]: skipped a value that is not a dead-letter record",
+        f"{where}[2]: a damaged dead-letter record (not JSON)",
+        f"{where}[3]: not a usable dead-letter record: not a JSON object",
+        f"{where}[5]: not a usable dead-letter record: its url is not a string",
     ]
+
+
+def test_redis_a_crash_while_taken_puts_nothing_back(server, client, stores):
+    store = open_store(stores, server.url + "/0?key=dl")
+    client.rpush("dl", compact(record(1)), b"[1]")
+    with pytest.raises(RuntimeError), store.taken():
+        raise RuntimeError("replay crashed")
+    (working,) = working_keys(client, "dl")
+    assert client.lrange(working, 0, -1) == [compact(record(1)).encode(), b"[1]"]
+    assert client.exists("dl") == 0  # the unusable value is not doubled
 
 
 def test_an_unreachable_redis_fails_fast_then_is_tried_again(stores, monkeypatch):

@@ -569,12 +569,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot replay {target}: {type(e).__name__}: {e}") from None
     spooled = f", waiting in the spool {report.spooled}" if settings.spool else ""
     unusable = f", unusable {report.unusable} (kept as they were)" if report.unusable else ""
+    unmatched = (
+        f", for no configured hook {report.unmatched} (kept: their URL is masked and no "
+        "hook has their fingerprint)"
+        if report.unmatched
+        else ""
+    )
     print(
         f"read {report.read}, delivered {report.delivered}, still failing {report.failed}"
         + spooled
         + unusable
+        + unmatched
     )
-    return FAILED if report.failed or report.unusable else 0
+    return FAILED if report.failed or report.unusable or report.unmatched else 0
 
 
 # -- spool ------------------------------------------------------------------------------

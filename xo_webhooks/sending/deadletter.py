@@ -2,25 +2,86 @@
 could not be delivered, one JSON object a line (the Redis list is in
 :mod:`.deadletter_redis`; :func:`.policy.open_dead_letter` picks one).
 
-Each record is appended with a single ``write()`` on a file opened with ``O_APPEND``,
-so records from several threads or processes never interleave, and a crash mid-write
-can damage only the line being written, never an earlier one.
+Writers of the file (threads and processes alike) take its exclusive ``flock`` for
+each append, so records never interleave, and an append that fails (a full disk) is
+undone: no torn record is left, the caller counts the hooks lost. A crash mid-write can
+damage only the line being written; the next append starts on a line of its own.
+
+A replay takes the file by locking it and renaming it to a working file,
+``<path>.replaying-<pid>-<random>``, and keeps that lock until it is done; the app's
+appends go to a new file meanwhile. A working file nobody holds the lock of was left
+by a replay that died, and the next replay takes it too: the lock, not the pid (reused,
+or another pid namespace's), says whether its owner is alive.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
-__all__ = ["DeadLetterStore", "DeadLetterFile", "read_records", "parse_record"]
+from .._urls import parse_http_url
+from .formats import FORMATS
+
+__all__ = [
+    "DeadLetterStore",
+    "DeadLetterFile",
+    "Taken",
+    "read_records",
+    "parse_record",
+    "record_problem",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two tries to lock a file that another writer holds (an append holds
+#: it for one write and an fsync).
+LOCK_POLL = 0.002
+#: Between a dead-letter file's name and its working file's pid and random part.
+WORKING = ".replaying-"
+
+#: The descriptors of the files this process locks. A forked child gets copies, which
+#: would keep a lock after this process lets it go: the child closes them. Opened and
+#: closed under the lock that a fork takes, so that none escapes the set.
+_holding: set[int] = set()
+_holding_lock = threading.Lock()
+
+
+def _close_held_in_child() -> None:
+    for fd in _holding:
+        os.close(fd)
+    _holding.clear()
+    _holding_lock.release()
+
+
+os.register_at_fork(
+    before=_holding_lock.acquire,
+    after_in_parent=_holding_lock.release,
+    after_in_child=_close_held_in_child,
+)
+
+
+class Taken(list[dict[str, Any]]):
+    """The usable records taken out of a store, and how many of its lines (or values)
+    were not: damaged, or not records this version can send. Those stay in the store
+    as they were.
+
+    :param records: the usable records.
+    :param unusable: how many entries were not usable.
+    """
+
+    def __init__(self, records: Iterable[dict[str, Any]] = (), unusable: int = 0) -> None:
+        super().__init__(records)
+        self.unusable = unusable
 
 
 class DeadLetterStore(Protocol):
@@ -29,9 +90,11 @@ class DeadLetterStore(Protocol):
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """Keep *records*; raise on failure so the caller counts them as lost."""
 
-    def taken(self) -> AbstractContextManager[list[dict[str, Any]]]:
-        """Remove every record from the store and yield them; the caller appends back
-        what it could not handle. Records appended meanwhile are not taken."""
+    def taken(self) -> AbstractContextManager[Taken]:
+        """Remove every record from the store and yield the usable ones; the caller
+        appends back what it could not handle, the store puts back the unusable entries
+        as they were when the block ends without an exception. Records appended
+        meanwhile are not taken."""
 
 
 class DeadLetterFile:
@@ -42,59 +105,274 @@ class DeadLetterFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # this process's threads wait here, not in a poll
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append *records*; raises :class:`OSError` when the file cannot be written."""
-        lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records]
-        if not lines:
+        """Append *records*; raises :class:`OSError` when the file cannot be written,
+        having left it as it was."""
+        self._append(b"".join(_line(record) for record in records))
+
+    def _append(self, data: bytes) -> None:
+        if not data:
             return
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with self._lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = _open_locked(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
             try:
-                # A torn last line (a crash mid-write) must not swallow the next record.
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    os.write(fd, b"\n")
-                for line in lines:
-                    os.write(fd, line.encode("utf-8"))
-                os.fsync(fd)
+                _append_whole(fd, data)
             finally:
-                os.close(fd)
+                _unlock(fd)
 
     @contextmanager
-    def taken(self) -> Iterator[list[dict[str, Any]]]:
-        """Move the file aside and yield its records; remove the copy once done. A
-        crash in between leaves ``<path>.replaying-<pid>-<random>`` on disk, nothing lost:
-        the random part keeps a later replay with the same pid (pid 1 in a container)
-        from overwriting it."""
-        working = f"{self.path}.replaying-{os.getpid()}-{secrets.token_hex(4)}"
-        os.replace(self.path, working)
-        yield read_records(working)
-        os.remove(working)
+    def taken(self) -> Iterator[Taken]:
+        """Take the working files that replays which died left, and the file itself
+        (moved to ``<path>.replaying-<pid>-<random>``), and yield their records. Once
+        the block is done, put back their unusable lines and remove them; an exception
+        in the block leaves them on disk, nothing lost, for the next replay. Raises
+        :class:`FileNotFoundError` when there is nothing to take."""
+        held = _claim_leftovers(self.path)
+        working = f"{self.path}{WORKING}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = _take(self.path, working)
+            if fd is not None:
+                held.append((working, fd))
+            if not held:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
+            records, unusable = _parse_files(held)
+            yield Taken(records, len(unusable))
+            self._append(b"".join(unusable))
+            for name, _ in held:
+                os.remove(name)  # before the lock goes: see _claim
+        finally:
+            for _, fd in held:
+                _unlock(fd)
 
     def __repr__(self) -> str:
         return f"DeadLetterFile({self.path!r})"
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """Read the records of a dead-letter file, skipping (and logging) damaged lines."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        found = (parse_record(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip())
-        return [record for record in found if record is not None]
+    """Read the usable records of a dead-letter file, skipping (and logging) the rest."""
+    with open(path, "rb") as f:
+        return _parse_lines(f.read(), path)[0]
 
 
 def parse_record(text: str | bytes, where: str) -> dict[str, Any] | None:
     """The dead-letter record in *text*, or ``None`` (logged, naming *where*) when it is
-    damaged or not a record."""
+    damaged or not a record that can be sent (see :func:`record_problem`)."""
     try:
-        record = json.loads(text)
+        value = json.loads(text)
     except ValueError:
-        logger.warning("%s: skipped a damaged dead-letter record", where)
+        logger.warning("%s: a damaged dead-letter record (not JSON)", where)
         return None
-    if isinstance(record, dict) and "url" in record and "payload" in record:
-        return record
-    logger.warning("%s: skipped a value that is not a dead-letter record", where)
+    problem = record_problem(value)
+    if problem is None:
+        return value  # a dict: record_problem checked
+    logger.warning("%s: not a usable dead-letter record: %s", where, problem)
     return None
+
+
+def record_problem(value: Any) -> str | None:
+    """Why *value* cannot be sent as a dead-letter record, or ``None`` when it can: the
+    fields that :meth:`.Delivery.from_record` reads, checked before it sees them."""
+    if not isinstance(value, dict):
+        return "not a JSON object"
+    if not isinstance(value.get("url"), str):
+        return "its url is not a string"
+    try:
+        parse_http_url(value["url"])
+    except ValueError:
+        return "its url is not an http(s) URL with a host and a valid port"
+    payload = value.get("payload")
+    if not isinstance(payload, dict):
+        return "its payload is not a JSON object"
+    if isinstance(payload.get("callId"), (dict, list)):  # a key of the dispatcher's maps
+        return "its payload's callId is not a string, number or null"
+    for name, valid, expected in _OPTIONAL_FIELDS:
+        if name in value and not valid(value[name]):
+            return f"its {name} is not {expected}"
+    return None
+
+
+_OPTIONAL_FIELDS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("id", lambda v: v is None or isinstance(v, str), "a string"),
+    ("format", lambda v: v in FORMATS, "one of " + ", ".join(FORMATS)),
+    ("attempts", lambda v: type(v) is int and v >= 0, "a count"),
+    ("lastError", lambda v: v is None or isinstance(v, str), "a string"),
+)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append *data* to the locked file *fd* and fsync it, or truncate the file back to
+    its size before and raise: a short write (a full disk) must neither leave a torn
+    record nor count as kept."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        data = b"\n" + data  # a torn last line (a crash mid-write) must not swallow ours
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.ftruncate(fd, size)  # the lock is ours: nobody appended after us
+        raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of *data*: ``write()`` may take only part of it (a full disk), and
+    says so only by its return value; the next one raises the error."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # never looped on: a file system that takes nothing is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+# -- locking and taking ----------------------------------------------------------------------
+
+
+def _open_locked(path: str, flags: int) -> int:
+    """A descriptor of the file at *path* holding its exclusive lock. When a replay
+    takes that file meanwhile (and holds its lock until done), the file that is at
+    *path* then is opened instead."""
+    while True:
+        fd = _open(path, flags)
+        try:
+            if _lock_while_at(fd, path):
+                return fd
+        except BaseException:
+            _unlock(fd)
+            raise
+        _unlock(fd)
+
+
+def _lock_while_at(fd: int, path: str) -> bool:
+    """Lock *fd*'s file; ``False`` once it is no longer at *path*. Polled rather than
+    waited for: a replay that takes the file keeps its lock for minutes, and a writer
+    waiting on the lock would wait that long for a file it must not write."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not _is_at(fd, path):
+                return False
+            time.sleep(LOCK_POLL)
+        else:
+            return _is_at(fd, path)
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether the file of *fd* is the one named *path* (not renamed, nor removed)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _take(path: str, working: str) -> int | None:
+    """Lock the file at *path* and rename it *working*; its descriptor, still holding
+    the lock, or ``None`` when there is no file. Locked before the rename, so that no
+    other replay ever sees the working file unlocked."""
+    try:
+        fd = _open_locked(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        os.rename(path, working)  # only a replay holding this lock moves it
+    except BaseException:
+        _unlock(fd)
+        raise
+    return fd
+
+
+def _claim_leftovers(path: str) -> list[tuple[str, int]]:
+    """The working files of *path* whose replay died, each with a descriptor holding
+    its lock."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name + WORKING) + "[0-9]+-[0-9a-f]+")  # no copy of one
+    names = sorted(n for n in os.listdir(folder) if pattern.fullmatch(n))
+    claimed: list[tuple[str, int]] = []
+    try:
+        for working in (os.path.join(folder, n) for n in names):
+            fd = _claim(working)
+            if fd is not None:
+                claimed.append((working, fd))
+    except BaseException:
+        for _, fd in claimed:
+            _unlock(fd)
+        raise
+    return claimed
+
+
+def _claim(working: str) -> int | None:
+    """A descriptor holding the lock of the working file *working*, or ``None`` when a
+    live replay holds it or has just finished with it (removed before unlocked)."""
+    try:
+        fd = _open(working, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _is_at(fd, working):
+            return fd
+    except BlockingIOError:
+        pass  # its replay is alive
+    except BaseException:
+        _unlock(fd)
+        raise
+    _unlock(fd)
+    return None
+
+
+def _open(path: str, flags: int) -> int:
+    """Open a file to lock (see :data:`_holding`)."""
+    with _holding_lock:
+        fd = os.open(path, flags, 0o600)
+        _holding.add(fd)
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    """Close *fd*, which lets its lock go."""
+    with _holding_lock:
+        _holding.discard(fd)
+        os.close(fd)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def _parse_files(held: list[tuple[str, int]]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The usable records of the locked files *held*, and their other lines, as they
+    were (newline included), to put back."""
+    records: list[dict[str, Any]] = []
+    unusable: list[bytes] = []
+    for name, fd in held:
+        with open(fd, "rb", closefd=False) as f:
+            found, rest = _parse_lines(f.read(), name)
+        records += found
+        unusable += rest
+    return records, unusable
+
+
+def _parse_lines(data: bytes, where: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    records: list[dict[str, Any]] = []
+    unusable: list[bytes] = []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue  # blank, or the end of the last line
+        record = parse_record(line.decode("utf-8", errors="replace"), f"{where}:{n}")
+        if record is None:
+            unusable.append(line + b"\n")
+        else:
+            records.append(record)
+    return records, unusable

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .deadletter import parse_record
+from .deadletter import Taken, parse_record
 
 __all__ = ["RedisDeadLetter", "DEFAULT_KEY"]
 
@@ -83,9 +83,10 @@ class RedisDeadLetter:
             raise
 
     @contextmanager
-    def taken(self) -> Iterator[list[dict[str, Any]]]:
+    def taken(self) -> Iterator[Taken]:
         """Rename the list to a working key (atomic: appends that follow start a new
-        list), yield its records, then delete it. A crash in between leaves
+        list), yield its usable records, then put back its unusable values as they
+        were and delete it, in one transaction. A crash in between leaves
         ``<key>:replaying:<host>:<pid>:<random>`` in Redis, nothing lost: the random part
         keeps a later replay with the same host and pid from overwriting it."""
         working = (
@@ -96,10 +97,15 @@ class RedisDeadLetter:
         except redis.ResponseError as e:
             if "no such key" not in str(e).lower():
                 raise
-            yield []  # an empty list does not exist in Redis
+            yield Taken()  # an empty list does not exist in Redis
             return
-        yield _parse(self.client.lrange(working, 0, -1), working)
-        self.client.delete(working)
+        records, unusable = _parse(self.client.lrange(working, 0, -1), working)
+        yield Taken(records, len(unusable))
+        with self.client.pipeline() as transaction:
+            if unusable:
+                transaction.rpush(self.key, *unusable)
+            transaction.delete(working)
+            transaction.execute()
 
     def __repr__(self) -> str:
         parts = urlsplit(self.url)
@@ -117,6 +123,14 @@ def _split_key(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), (keys[-1] if keys and keys[-1] else DEFAULT_KEY)
 
 
-def _parse(values: list[Any], where: str) -> list[dict[str, Any]]:
-    found = (parse_record(value, f"{where}[{n}]") for n, value in enumerate(values, 1))
-    return [record for record in found if record is not None]
+def _parse(values: list[Any], where: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The usable records among *values*, and the other values, as they were."""
+    records: list[dict[str, Any]] = []
+    unusable: list[Any] = []
+    for n, value in enumerate(values, 1):
+        record = parse_record(value, f"{where}[{n}]")
+        if record is None:
+            unusable.append(value)
+        else:
+            records.append(record)
+    return records, unusable

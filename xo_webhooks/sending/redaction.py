@@ -17,7 +17,6 @@ Values are copied only where something changes: a clean payload is returned as i
 from __future__ import annotations
 
 import math
-import operator
 import re
 import unicodedata
 from collections.abc import Iterable

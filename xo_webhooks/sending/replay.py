@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +17,22 @@ from .policy import DeadLetters, open_dead_letter
 
 __all__ = ["ReplayReport", "replay"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ReplayReport:
-    """How a replay went: records read, delivered, written back as still failing, and
-    (with a spool) handed to the spool to wait there for their next attempt."""
+    """How a replay went: records read, delivered, written back as still failing,
+    (with a spool) handed to the spool to wait there for their next attempt, and not
+    usable (damaged, or not records that can be sent: left in the store as they were).
+    ``read`` counts them all."""
 
     read: int
     delivered: int
     failed: int
     spooled: int = 0
+    unusable: int = 0
+    unmatched: int = 0  #: records kept: their URL is masked and no hook has their fingerprint
 
 
 #: Seconds: a replay keeps the leading waits of the retry schedule up to this long, so
@@ -41,7 +48,9 @@ def replay(target: str, settings: Settings) -> ReplayReport:
 
     The records are first taken out of the store, so hooks that a running app
     dead-letters meanwhile are kept apart and never overwritten; what still fails is
-    appended back. Each record goes to its URL with the signing secret and headers of
+    appended back, and so are the store's unusable entries, as they were (see
+    :meth:`.DeadLetterFile.taken`: a file's replay also takes what a replay that died
+    left). Each record goes to its URL with the signing secret and headers of
     the configured hook for that URL (else the global secret): neither is ever stored.
 
     With a spool (``XO_WEBHOOKS_SPOOL``), each record gets its first attempt here (or
@@ -58,19 +67,29 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     failed: list[dict[str, Any]] = []
     still_failing = DeadLetters(settings, store=_Collector(failed))
     with store.taken() as records:
-        origins = {endpoint_of(str(record["url"])) for record in records}
+        origins = {endpoint_of(record["url"]) for record in records}
         dispatcher = ThreadDispatcher(
             settings, dead_letters=still_failing, endpoints=origins, resumes=False
         )
+        unmatched = []  # masked URLs that no configured hook's fingerprint names
         for record in records:
-            dispatcher.submit(Delivery.from_record(record, settings))
+            try:
+                delivery = Delivery.from_record(record, settings)
+            except LookupError as e:
+                logger.warning("replay: %s; kept in the store", e)
+                unmatched.append(record)
+            else:
+                dispatcher.submit(delivery)
         if settings.spool is None:
             dispatcher.flush()
         dispatcher.close(None if settings.spool else 0)
-        store.append(failed)
+        store.append(failed + unmatched)
     stats = dispatcher.stats()
     spooled = stats["spooled"] + stats["left"] - stats["resumed"]  # resumed: not written
-    return ReplayReport(len(records), stats["delivered"], len(failed), spooled)
+    read = len(records) + records.unusable
+    return ReplayReport(
+        read, stats["delivered"], len(failed), spooled, records.unusable, len(unmatched)
+    )
 
 
 class _Collector:
