@@ -42,12 +42,6 @@ class HookTable:
             else None
         )
         self.match = lru_cache(maxsize=4096)(self._match)
-        #: Finds, in the bytes of a UTF-8 body without JSON escapes, a ``"method"``
-        #: member whose name has a hook: one regex pass tells the middleware whether
-        #: a request needs parsing at all.
-        self.member = re.compile(
-            rb'"method"\s*:\s*"(?:' + b"|".join(map(_member_regex, self.hooks)) + rb')"'
-        )
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
@@ -61,12 +55,6 @@ class HookTable:
         if self._any_glob is not None and self._any_glob.fullmatch(method):
             found.update(h for h in self._globs if _compiled(h.method).fullmatch(method))
         return tuple(h for h in self.hooks if h in found)
-
-
-def _member_regex(hook: Hook) -> bytes:
-    # Without a backslash in the body, a JSON string has no '"' inside: "*" is [^"]*.
-    parts = (re.escape(part.encode("utf-8")) for part in hook.method.split("*"))
-    return b"(?:" + b'[^"]*'.join(parts) + b")"
 
 
 def _glob_to_regex(pattern: str) -> str:

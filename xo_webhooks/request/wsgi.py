@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._streams import read_at_most
+from .._streams import CHUNK, read_at_most
 from .._text import describe_error
 
 if TYPE_CHECKING:
@@ -34,7 +34,20 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             return None
         if expected < 0 or expected > limit:
             return None
-        body = _read_or_restore(environ, stream, expected)
+        if expected <= CHUNK:  # the common case, in one read (the request path's cost)
+            try:
+                body = stream.read(expected)
+            except Exception:
+                environ["wsgi.input"] = _PrefixedInput.wrap(b"", stream)
+                raise
+            if len(body) < expected and body:  # a server that hands out less: the rest
+                body += _read_or_restore(environ, stream, expected - len(body), body)
+        else:
+            body = _read_or_restore(environ, stream, expected)
+        environ["wsgi.input"] = io.BytesIO(body)
+        if len(body) != expected:  # the client went away early: the app sees what came
+            environ["CONTENT_LENGTH"] = str(len(body))
+        return body
     elif environ.get("wsgi.input_terminated"):  # chunked: read to the end, up to a cap
         body = _read_or_restore(environ, stream, limit + 1)
         if len(body) > limit:
@@ -47,13 +60,15 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
     return body
 
 
-def _read_or_restore(environ: WSGIEnvironment, stream: Any, size: int) -> bytes:
+def _read_or_restore(
+    environ: WSGIEnvironment, stream: Any, size: int, already: bytes = b""
+) -> bytes:
     parts: list[bytes] = []
     try:
         return read_at_most(stream, size, parts)
     except Exception:
         # The app must still see every byte: what was read, then the rest.
-        environ["wsgi.input"] = _PrefixedInput.wrap(b"".join(parts), stream)
+        environ["wsgi.input"] = _PrefixedInput.wrap(already + b"".join(parts), stream)
         raise
 
 
