@@ -241,3 +241,43 @@ def test_a_url_that_is_not_ascii_is_encoded_or_refused_at_start():
     bad = {**hook, "url": "https://" + "a" * 70 + "ü.example/"}
     with pytest.raises(ConfigError, match=r"hooks\[0\]\.url: the host name cannot be IDNA"):
         load_settings([bad], {})
+
+
+def test_an_over_limit_record_survives_hostile_method_names(
+    webhook_receiver, serve, wrap, tmp_path
+):
+    # Names a caller chose (a lone surrogate, a newline, 5 kB) must not cost the record.
+    dead = tmp_path / "dead.jsonl"
+    app = create_app()
+    hooks = [{"method": "*", "type": "pre", "url": webhook_receiver.url}]
+    app.wsgi_app = middleware = wrap(app.wsgi_app, hooks=hooks, max_calls=1, dead_letter=str(dead))
+    url = serve(app).url + "/api"
+    names = ["vm.start", "vm.\\ud800", "vm.\\nline", "vm." + "x" * 5000]
+    body = (
+        "["
+        + ",".join(f'{{"jsonrpc":"2.0","id":{n},"method":"{m}"}}' for n, m in enumerate(names))
+        + "]"
+    )
+    requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    wait_until(lambda: dead.exists() and dead.read_text(), what="the over-limit record")
+    middleware.close(5)
+    (record,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert record["calls"] == 3 and middleware.stats()["over_limit"] == 3
+    assert set(record["methods"]) == {"vm.\ufffd", "vm.\nline", ("vm." + "x" * 5000)[:100]}
+
+
+def test_replay_keeps_over_limit_records_as_notices_and_succeeds(
+    webhook_receiver, tmp_path, capsys, monkeypatch
+):
+    from xo_webhooks.cli import main
+
+    dead = tmp_path / "dead.jsonl"
+    notice = {"kind": "over_limit", "calls": 4, "hooks": 8, "methods": {"vm.start": 4}}
+    hook = {"id": "msg_1", "url": webhook_receiver.url, "payload": {**PRE, "callId": "c1"}}
+    dead.write_text(json.dumps(notice) + "\n" + json.dumps(hook) + "\n")
+    for name in [n for n in os.environ if n.startswith("XO_WEBHOOKS_")]:
+        monkeypatch.delenv(name)
+    assert main(["replay", str(dead)]) == 0
+    out = capsys.readouterr().out
+    assert "delivered 1" in out and "notices 1 (calls over XO_WEBHOOKS_MAX_CALLS, kept)" in out
+    assert [json.loads(line) for line in dead.read_text().splitlines()] == [notice]

@@ -575,11 +575,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if report.unmatched
         else ""
     )
+    notices = (
+        f", notices {report.notices} (calls over XO_WEBHOOKS_MAX_CALLS, kept)"
+        if report.notices
+        else ""
+    )
     print(
         f"read {report.read}, delivered {report.delivered}, still failing {report.failed}"
         + spooled
         + unusable
         + unmatched
+        + notices
     )
     return FAILED if report.failed or report.unusable or report.unmatched else 0
 

@@ -13,24 +13,30 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from .._text import shorten
 from ..config import Hook, Settings
+from ..sending.deadletter import OVER_LIMIT, DeadLetterStore
 from ..sending.policy import open_dead_letter
 from ..sending.recorder import Recorder
+from ..sending.redaction import redact
 from .jsonrpc import Call
 
-__all__ = ["OverLimit", "OVER_LIMIT"]
+__all__ = ["OverLimit"]
 
 logger = logging.getLogger(__name__)
 
-#: The ``kind`` of a dead-letter record of calls over the limit (not a hook to replay).
-OVER_LIMIT = "over_limit"
 #: Most records waiting for the writer thread.
 WAITING_RECORDS = 100
+#: Methods named in a record (the most frequent), and the longest name kept: a caller
+#: chooses them.
+RECORD_METHODS, METHOD_LENGTH = 20, 100
 #: Seconds between two log lines about requests over the limit.
 LOG_INTERVAL = 60.0
 
@@ -47,7 +53,13 @@ class OverLimit:
         self._lock = threading.Lock()
         self.hooks = 0  #: hooks not queued since start
         self._last_log = -math.inf
-        self._recorder: Recorder[dict[str, Any]] = Recorder(self._write, _ignore, WAITING_RECORDS)
+        self._store: DeadLetterStore | None = None
+        self._recorder = self._new_recorder()
+        ref = weakref.ref(self)  # a forked child gets a recorder whose thread it can start
+        os.register_at_fork(after_in_child=lambda: _renew(ref))
+
+    def _new_recorder(self) -> Recorder[dict[str, Any]]:
+        return Recorder(self._write, _ignore, WAITING_RECORDS)
 
     def split(
         self, matched: list[tuple[Call, tuple[Hook, ...]]]
@@ -65,12 +77,14 @@ class OverLimit:
 
     def _refuse(self, calls: Sequence[tuple[Call, tuple[Hook, ...]]]) -> None:
         hooks = sum(h.pre + h.post for _, matched in calls for h in matched)
-        methods = collections.Counter(call.method for call, _ in calls)
+        methods = collections.Counter(call.method[:METHOD_LENGTH] for call, _ in calls)
         record = {
             "kind": OVER_LIMIT,
             "calls": len(calls),
             "hooks": hooks,
-            "methods": dict(methods.most_common(20)),
+            # A caller's names: cut, and made strict JSON (a lone surrogate would make
+            # the record, and those written with it, impossible to write).
+            "methods": redact(dict(methods.most_common(RECORD_METHODS)), ()),
             "maxCalls": self.max_calls,
             "lastError": (
                 f"{len(calls)} hooked call(s) beyond XO_WEBHOOKS_MAX_CALLS={self.max_calls} "
@@ -89,7 +103,7 @@ class OverLimit:
             logger.warning(
                 "a request had %d hooked calls over XO_WEBHOOKS_MAX_CALLS=%d (%s): their "
                 "%d hooks were not sent; %s (logged at most every %d s)",
-                len(calls), self.max_calls, ", ".join(methods), hooks,
+                len(calls), self.max_calls, shorten(ascii(list(methods)[:5]), 200), hooks,
                 "a dead-letter record says so" if queued and self._target
                 else "no dead-letter record was written", LOG_INTERVAL,
             )  # fmt: skip
@@ -98,11 +112,20 @@ class OverLimit:
         if not self._target:
             return False
         try:
-            open_dead_letter(self._target).append(records)
+            if self._store is None:
+                self._store = open_dead_letter(self._target)
+            self._store.append(records)
         except Exception:
             logger.exception("xo-webhooks could not write the record of calls over the limit")
             return False
         return True
+
+
+def _renew(ref: weakref.ref[OverLimit]) -> None:
+    over_limit = ref()
+    if over_limit is not None:
+        over_limit._recorder = over_limit._new_recorder()
+        over_limit._lock = threading.Lock()
 
 
 def _ignore(records: list[dict[str, Any]], written: bool) -> None:

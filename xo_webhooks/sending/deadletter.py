@@ -33,6 +33,8 @@ from .._urls import parse_http_url
 from .formats import FORMATS
 
 __all__ = [
+    "OVER_LIMIT",
+    "classify",
     "DeadLetterStore",
     "DeadLetterFile",
     "Taken",
@@ -42,6 +44,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The ``kind`` of a notice: a record of the hooks of calls over
+#: ``XO_WEBHOOKS_MAX_CALLS``, never sent (see :mod:`..request.overlimit`). A replay keeps
+#: it as it is and counts it apart: it is not a hook to send, nor a damaged line.
+OVER_LIMIT = "over_limit"
 
 #: Seconds between two tries to lock a file that another writer holds (an append holds
 #: it for one write and an fsync).
@@ -71,17 +78,22 @@ os.register_at_fork(
 
 
 class Taken(list[dict[str, Any]]):
-    """The usable records taken out of a store, and how many of its lines (or values)
-    were not: damaged, or not records this version can send. Those stay in the store
-    as they were.
+    """The usable records taken out of a store, how many of its lines (or values) were
+    not (damaged, or not records this version can send), and how many were notices
+    (records of hooks never sent: see :data:`OVER_LIMIT`). Those stay in the store as
+    they were.
 
     :param records: the usable records.
     :param unusable: how many entries were not usable.
+    :param notices: how many entries were notices.
     """
 
-    def __init__(self, records: Iterable[dict[str, Any]] = (), unusable: int = 0) -> None:
+    def __init__(
+        self, records: Iterable[dict[str, Any]] = (), unusable: int = 0, notices: int = 0
+    ) -> None:
         super().__init__(records)
         self.unusable = unusable
+        self.notices = notices
 
 
 class DeadLetterStore(Protocol):
@@ -138,9 +150,9 @@ class DeadLetterFile:
                 held.append((working, fd))
             if not held:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
-            records, unusable = _parse_files(held)
-            yield Taken(records, len(unusable))
-            self._append(b"".join(unusable))
+            records, kept, notices = _parse_files(held)
+            yield Taken(records, len(kept) - notices, notices)
+            self._append(b"".join(kept))
             for name, _ in held:
                 os.remove(name)  # before the lock goes: see _claim
         finally:
@@ -157,19 +169,30 @@ def read_records(path: str) -> list[dict[str, Any]]:
         return _parse_lines(f.read(), path)[0]
 
 
+
 def parse_record(text: str | bytes, where: str) -> dict[str, Any] | None:
-    """The dead-letter record in *text*, or ``None`` (logged, naming *where*) when it is
-    damaged or not a record that can be sent (see :func:`record_problem`)."""
+    """The dead-letter record in *text*, or ``None`` when it is a notice, or (logged,
+    naming *where*) damaged or not a record that can be sent (see
+    :func:`record_problem`)."""
+    return classify(text, where)[1]
+
+
+def classify(text: str | bytes, where: str) -> tuple[str, dict[str, Any] | None]:
+    """What an entry of a store is: ``("record", record)``; ``("notice", None)`` for a
+    record of hooks never sent (kept, not replayed); ``("unusable", None)``, logged,
+    naming *where*, for the rest."""
     try:
         value = json.loads(text)
     except ValueError:
         logger.warning("%s: a damaged dead-letter record (not JSON)", where)
-        return None
+        return "unusable", None
+    if isinstance(value, dict) and value.get("kind") == OVER_LIMIT:
+        return "notice", None
     problem = record_problem(value)
     if problem is None:
-        return value  # a dict: record_problem checked
+        return "record", value  # a dict: record_problem checked
     logger.warning("%s: not a usable dead-letter record: %s", where, problem)
-    return None
+    return "unusable", None
 
 
 def record_problem(value: Any) -> str | None:
@@ -351,28 +374,34 @@ def _unlock(fd: int) -> None:
 # -- reading -------------------------------------------------------------------------------
 
 
-def _parse_files(held: list[tuple[str, int]]) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """The usable records of the locked files *held*, and their other lines, as they
-    were (newline included), to put back."""
+def _parse_files(
+    held: list[tuple[str, int]],
+) -> tuple[list[dict[str, Any]], list[bytes], int]:
+    """The usable records of the locked files *held*, their other lines, as they were
+    (newline included), to put back, and how many of those are notices."""
     records: list[dict[str, Any]] = []
-    unusable: list[bytes] = []
+    kept: list[bytes] = []
+    notices = 0
     for name, fd in held:
         with open(fd, "rb", closefd=False) as f:
-            found, rest = _parse_lines(f.read(), name)
+            found, rest, noticed = _parse_lines(f.read(), name)
         records += found
-        unusable += rest
-    return records, unusable
+        kept += rest
+        notices += noticed
+    return records, kept, notices
 
 
-def _parse_lines(data: bytes, where: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _parse_lines(data: bytes, where: str) -> tuple[list[dict[str, Any]], list[bytes], int]:
     records: list[dict[str, Any]] = []
-    unusable: list[bytes] = []
+    kept: list[bytes] = []
+    notices = 0
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue  # blank, or the end of the last line
-        record = parse_record(line.decode("utf-8", errors="replace"), f"{where}:{n}")
-        if record is None:
-            unusable.append(line + b"\n")
-        else:
+        kind, record = classify(line.decode("utf-8", errors="replace"), f"{where}:{n}")
+        if record is not None:
             records.append(record)
-    return records, unusable
+        else:
+            kept.append(line + b"\n")
+            notices += kind == "notice"
+    return records, kept, notices

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
-from .deadletter import Taken, parse_record
+from .deadletter import Taken, classify
 
 __all__ = ["RedisDeadLetter", "DEFAULT_KEY"]
 
@@ -99,8 +99,8 @@ class RedisDeadLetter:
                 raise
             yield Taken()  # an empty list does not exist in Redis
             return
-        records, unusable = _parse(self.client.lrange(working, 0, -1), working)
-        yield Taken(records, len(unusable))
+        records, unusable, notices = _parse(self.client.lrange(working, 0, -1), working)
+        yield Taken(records, len(unusable) - notices, notices)
         with self.client.pipeline() as transaction:
             if unusable:
                 transaction.rpush(self.key, *unusable)
@@ -123,14 +123,17 @@ def _split_key(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), (keys[-1] if keys and keys[-1] else DEFAULT_KEY)
 
 
-def _parse(values: list[Any], where: str) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The usable records among *values*, and the other values, as they were."""
+def _parse(values: list[Any], where: str) -> tuple[list[dict[str, Any]], list[Any], int]:
+    """The usable records among *values*, the other values, as they were, and how many
+    of those are notices."""
     records: list[dict[str, Any]] = []
-    unusable: list[Any] = []
+    kept: list[Any] = []
+    notices = 0
     for n, value in enumerate(values, 1):
-        record = parse_record(value, f"{where}[{n}]")
-        if record is None:
-            unusable.append(value)
-        else:
+        kind, record = classify(value, f"{where}[{n}]")
+        if record is not None:
             records.append(record)
-    return records, unusable
+        else:
+            kept.append(value)
+            notices += kind == "notice"
+    return records, kept, notices

@@ -33,6 +33,7 @@ class ReplayReport:
     spooled: int = 0
     unusable: int = 0
     unmatched: int = 0  #: records kept: their URL is masked and no hook has their fingerprint
+    notices: int = 0  #: records of calls over the limit, kept: no hook to send
 
 
 #: Seconds: a replay keeps the leading waits of the retry schedule up to this long, so
@@ -88,8 +89,9 @@ def replay(target: str, settings: Settings) -> ReplayReport:
     spooled = stats["spooled"] + stats["left"] - stats["resumed"]  # resumed: not written
     read = len(records) + records.unusable
     return ReplayReport(
-        read, stats["delivered"], len(failed), spooled, records.unusable, len(unmatched)
-    )
+        read + records.notices, stats["delivered"], len(failed), spooled, records.unusable,
+        len(unmatched), records.notices,
+    )  # fmt: skip
 
 
 class _Collector:
