@@ -27,7 +27,7 @@ import requests
 
 from xo_webhooks.errors import ConfigError
 from xo_webhooks.receiver import make_receiver
-from xo_webhooks.receiving.server import RETRY_AFTER, ReceiverServer
+from xo_webhooks.receiving.server import RETRY_AFTER, ReceiverServer, _DeadlineHandler
 from xo_webhooks.signing import sign
 
 from .helpers import PRE, SECRET
@@ -39,17 +39,32 @@ pytestmark = pytest.mark.usefixtures("no_leaked_threads")
 PARTIAL = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 
 
-def signed_hook(port: int) -> requests.Response:
-    """POST a valid signed hook to 127.0.0.1:*port*."""
-    body = json.dumps(PRE).encode()
+def signed(body: bytes) -> dict[str, str]:
+    """The headers of a valid signed hook with *body*."""
     msg_id, now = f"msg_{uuid.uuid4().hex}", int(time.time())
-    headers = {
+    return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(now),
         "webhook-signature": sign(SECRET, msg_id, now, body),
         "content-type": "application/json",
     }
-    return requests.post(f"http://127.0.0.1:{port}/", data=body, headers=headers, timeout=10)
+
+
+def signed_hook(port: int) -> requests.Response:
+    """POST a valid signed hook to 127.0.0.1:*port*."""
+    body = json.dumps(PRE).encode()
+    return requests.post(f"http://127.0.0.1:{port}/", data=body, headers=signed(body), timeout=10)
+
+
+def hook_request() -> bytes:
+    """A valid signed hook as bytes to send on a socket."""
+    body = json.dumps(PRE).encode()
+    head = "".join(f"{key}: {value}\r\n" for key, value in signed(body).items())
+    return b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        len(body),
+        head.encode(),
+        body,
+    )
 
 
 def slow_client(port: int, stack: ExitStack) -> socket.socket:
@@ -57,6 +72,14 @@ def slow_client(port: int, stack: ExitStack) -> socket.socket:
     sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
     sock.sendall(PARTIAL)
     return sock
+
+
+def status_line(sock: socket.socket) -> bytes:
+    """The status line of the next answer, read up to its blank line (204: no body)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n") and (byte := sock.recv(1)):
+        head += byte
+    return head.split(b"\r\n", 1)[0]
 
 
 def answer(sock: socket.socket) -> bytes:
@@ -120,6 +143,58 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(server):
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         status_line = answer(sock).split(b"\r\n", 1)[0]
     assert status_line == b"HTTP/1.1 408 REQUEST TIMEOUT"
+
+
+def test_each_answer_closes_its_connection(server):
+    """werkzeug answers ``Connection: close`` and closes: a request never follows another
+    on its connection, so none inherits what is left of another's deadline."""
+    port = server(read_timeout=30).server_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(hook_request())
+        lines = answer(sock).split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        assert time.monotonic() - started < 5  # closed after the answer, not at 30 s
+    assert lines[0] == b"HTTP/1.1 204 NO CONTENT"
+    assert b"Connection: close" in lines
+
+
+@pytest.fixture
+def kept_alive(monkeypatch):
+    """Connections kept alive, as http.server does when werkzeug does not answer
+    ``Connection: close``."""
+    send_header = _DeadlineHandler.send_header
+
+    def without_close(self, keyword, value):
+        if keyword.lower() != "connection":
+            send_header(self, keyword, value)
+
+    monkeypatch.setattr(_DeadlineHandler, "send_header", without_close)
+
+
+def test_kept_alive_each_request_gets_its_own_read_timeout(server, kept_alive):
+    """The reviewed case: with a 1 s read_timeout, a second request on the connection
+    sent at 0.8 s, its body ending at 1.2 s, is answered: it took 0.4 s."""
+    port = server(read_timeout=1).server_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(hook_request())
+        assert status_line(sock) == b"HTTP/1.1 204 NO CONTENT"
+        time.sleep(max(0.0, started + 0.8 - time.monotonic()))  # the pace: late in the window
+        request = hook_request()
+        sock.sendall(request[:-10])
+        time.sleep(0.4)  # the pace: the end of the body after the first deadline
+        sock.sendall(request[-10:])
+        assert status_line(sock) == b"HTTP/1.1 204 NO CONTENT"
+
+
+def test_kept_alive_an_idle_connection_is_closed_at_the_read_timeout(server, kept_alive):
+    port = server(read_timeout=0.5).server_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(hook_request())
+        assert status_line(sock) == b"HTTP/1.1 204 NO CONTENT"
+        idle = time.monotonic()
+        assert answer(sock) == b""  # closed, not left waiting (the recv timeout is 10 s)
+        assert 0.4 <= time.monotonic() - idle < 5  # kept alive until then
 
 
 # -- the cap on connections ------------------------------------------------------------

@@ -152,8 +152,11 @@ def reset_error():
                      ValueError, "InvalidHeader (not shown: it may quote a secret)",
                      id="bad-input-not-quoted"),
         pytest.param(requests.ConnectionError("Max retries exceeded with url: /h?sig=SECRET"),
-                     ConnectionError, "Max retries exceeded with url: /h?...",
+                     ConnectionError, "Max retries exceeded with url: …",
                      id="query-masked"),
+        pytest.param(requests.ConnectionError("Max retries exceeded with url: /services/T0/B0/X"),
+                     ConnectionError, "Max retries exceeded with url: …",
+                     id="path-masked"),
     ],
 )  # fmt: skip
 def test_failures_are_raised_as_http_client_raises_them(raised, expected, text, mocked):

@@ -25,7 +25,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-#: A decoder of strict JSON: ``NaN`` and ``Infinity`` are not JSON, and a hook that
-#: held them could not be sent on. Built once: ``json.loads(..., parse_constant=...)``
-#: would build a decoder on every call.
+#: A decoder of strict JSON (the receiver's): ``NaN`` and ``Infinity`` are not JSON, and
+#: a hook payload never holds them (the sender puts stand-ins in their place). Built
+#: once: ``json.loads(..., parse_constant=...)`` would build a decoder on every call.
 STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)

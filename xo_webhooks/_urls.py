@@ -17,8 +17,8 @@ import urllib.parse
 from typing import NamedTuple
 
 __all__ = [
-    "HttpUrl", "parse_http_url", "mask_url", "masked_url", "is_masked", "short_url", "fingerprint",
-    "basic_auth", "without_userinfo", "ascii_url", "endpoint_of",
+    "HttpUrl", "parse_http_url", "mask_passwords", "masked_url", "is_masked",
+    "short_url", "fingerprint", "basic_auth", "without_userinfo", "ascii_url", "endpoint_of",
 ]  # fmt: skip
 
 MASK = "***"
@@ -46,27 +46,30 @@ def parse_http_url(url: str) -> HttpUrl:
     host and a valid port."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {mask_url(url)!r}")
+        raise ValueError(f"not an http(s) URL: {masked_url(url)!r}")
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)  # raises ValueError when out of range
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     return HttpUrl(https, parts.hostname, port, target)
 
 
-def mask_url(text: str) -> str:
+def mask_passwords(text: str) -> str:
     """*text* with the password of any URL in it replaced by ``***``."""
     return re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
 
 
 def masked_url(url: str) -> str:
-    """*url* with its password and every query value replaced by ``***``, for a
-    record an operator may share (``https://host/hooks?sig=***``)."""
+    """*url* with its password (or a user name alone, often a token) and every query
+    value replaced by ``***``, for a record an operator may share
+    (``https://host/hooks?sig=***``)."""
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
     query = "&".join(
-        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else pair
+        f"{pair.split('=', 1)[0]}={MASK}" if "=" in pair else MASK if pair else pair
         for pair in parts.query.split("&")
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
@@ -75,8 +78,8 @@ def masked_url(url: str) -> str:
 def is_masked(url: str) -> bool:
     """Whether *url* is a :func:`masked_url` that hid a password or a query value."""
     parts = urllib.parse.urlsplit(url)
-    values = (pair.partition("=")[2] for pair in parts.query.split("&"))
-    return parts.password == MASK or MASK in values
+    values = (pair.partition("=")[2] or pair for pair in parts.query.split("&"))
+    return MASK in (parts.username, parts.password) or MASK in values
 
 
 @functools.lru_cache(maxsize=1024)
@@ -91,7 +94,9 @@ def short_url(url: str) -> str:
 @functools.lru_cache(maxsize=1024)
 def fingerprint(url: str) -> str:
     """A short digest of the whole *url* (``sha256:`` and 16 hex digits): names a
-    configured hook in a dead-letter record without its secret parts."""
+    configured hook in a dead-letter record without its secret parts. Unsalted: a weak
+    password or token in the URL could be guessed from it offline (the README says
+    so); a long random one, as hook URLs carry, cannot."""
     return "sha256:" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
 
@@ -131,7 +136,9 @@ def ascii_url(url: str) -> str:
     netloc = (urllib.parse.quote(userinfo, safe=_URL_SAFE) + "@" if userinfo else "") + host
     netloc += port
     path, query = (urllib.parse.quote(p, safe=_URL_SAFE) for p in (parts.path, parts.query))
-    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, path, query, "")
+    )  # no fragment: never sent
 
 
 @functools.lru_cache(maxsize=1024)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from ._text import shorten
-from ._urls import endpoint_of, mask_url, masked_url
+from ._urls import endpoint_of, mask_passwords, masked_url
 from ._version import __version__
 from .config import ENV_PREFIX, Settings, load_settings, unknown_variables
 from .errors import ConfigError
@@ -380,6 +380,8 @@ def _setting(name: str, value: Any) -> str:
         return ",".join(map(_duration, value)) or "(no retries)"
     if name in ("secret", "broker_url"):  # may hold credentials: say only whether set
         return "(not set)" if value is None else "(set, not shown)"
+    if name in ("dead_letter", "spool") and value is not None:  # a redis:// password
+        return masked_url(value)
     if value is None:
         return "(not set)"
     if isinstance(value, tuple):
@@ -427,7 +429,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     pre = pre_payload(call_id, user, method, params, start)
     failed = 0
     print(
-        f"sending a simulated {method} call (callId {call_id}) to {mask_url(args.url)}"
+        f"sending a simulated {method} call (callId {call_id}) to {mask_passwords(args.url)}"
         f" as {args.format}"
     )
     for kind in ("pre", "post"):
@@ -553,7 +555,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .sending.replay import replay
 
     settings = load_settings()
-    target = mask_url(args.file)
+    target = mask_passwords(args.file)
     try:
         report = replay(args.file, settings)
     except FileNotFoundError:
@@ -634,11 +636,11 @@ def _spool_action(spool: Spool, args: argparse.Namespace, settings: Settings) ->
             open_dead_letter(target).append(records)
         left = sum(e.leased for e in spool.summary(now))
         held = f"; {left} held by running processes stay" if left else ""
-        print(f"moved {len(records)} hook(s) to {mask_url(target)}{held}")
+        print(f"moved {len(records)} hook(s) to {mask_passwords(target)}{held}")
         return 0
     rows = [("ENDPOINT", "DUE", "WAITING", "LEASED", "OLDEST", "BREAKER")]
     rows += [
-        (mask_url(e.endpoint), str(e.due), str(e.waiting), str(e.leased),
+        (mask_passwords(e.endpoint), str(e.due), str(e.waiting), str(e.leased),
          _age(now - e.oldest) if e.oldest is not None else "-", e.state)
         for e in spool.summary(now)
     ]  # fmt: skip

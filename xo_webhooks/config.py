@@ -23,7 +23,7 @@ from typing import Any
 
 from jsonschema import ValidationError
 
-from ._urls import ascii_url, fingerprint, mask_url, parse_http_url, short_url
+from ._urls import ascii_url, fingerprint, mask_passwords, masked_url, parse_http_url, short_url
 from .errors import ConfigError
 from .schema import error_message, load_schema, validator
 from .signing import parse_secret
@@ -400,7 +400,7 @@ def _check_hooks(hooks: list[dict[str, Any]], source: str) -> None:
         try:
             parse_http_url(ascii_url(hook["url"]))
         except ValueError as e:
-            raise ConfigError(f"{where}.url: {mask_url(str(e))}") from None
+            raise ConfigError(f"{where}.url: {mask_passwords(str(e))}") from None
         for name, value in hook.get("headers", {}).items():
             if name.lower() in RESERVED_HEADERS:
                 raise ConfigError(f"{where}.headers.{name}: set by xo-webhooks itself")
@@ -430,10 +430,14 @@ def _describe(error: ValidationError, sources: dict[str, str]) -> str:
         where += f"[{part}]" if isinstance(part, int) else f".{part}"
     if SENSITIVE & {str(p) for p in path}:  # never echo a secret, even a malformed one
         return f"{where}: invalid value (not shown): {_reason(error)}"
-    return f"{where}: {mask_url(error_message(error))}"
+    message = error_message(error)
+    if isinstance(error.instance, str) and path[-1] in URL_FIELDS:  # a credential, often
+        message = message.replace(repr(error.instance), repr(masked_url(error.instance)))
+    return f"{where}: {mask_passwords(message)}"
 
 
 SENSITIVE = {"secret", "headers", "brokerUrl"}
+URL_FIELDS = {"url", "deadLetter", "spool"}
 
 
 def _reason(error: ValidationError) -> str:

@@ -166,30 +166,52 @@ class _Sometimes:
 
 
 class _DeadlineHandler(WSGIRequestHandler):
-    """werkzeug's request handler, reading its connection against a deadline."""
+    """werkzeug's request handler, reading its connection against a deadline per request."""
 
     server: ReceiverServer
+    rfile: io.BufferedReader
 
     def setup(self) -> None:
         super().setup()
-        timeout = self.server.read_timeout
-        self.connection.settimeout(timeout)
+        self.connection.settimeout(self.server.read_timeout)
         self.rfile.close()  # the plain one: it would keep the socket from closing
-        deadline = time.monotonic() + timeout
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
+        # The first request's deadline starts with the connection.
+        self._input = _DeadlineReader(self.connection, self.server.read_timeout)
+        self.rfile = io.BufferedReader(self._input)
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        if self.close_connection:  # the usual: werkzeug answers "Connection: close"
+            return
+        # Kept alive, as http.server does otherwise: the next request must not inherit
+        # what is left of this one's deadline. Waiting for it counts as reading headers
+        # (read_timeout at most, then closed); from its first byte, it has its own.
+        self._input.restart()
+        try:
+            self.rfile.peek(1)
+        except TimeoutError:
+            self.close_connection = True
+            return
+        self._input.restart()
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's input, each read waiting only until *deadline* (``time.monotonic``),
-    then raising :class:`TimeoutError` (werkzeug's handler and the receiver know it).
+    """A socket's input, each read waiting only until *timeout* seconds after the last
+    :meth:`restart`, then raising :class:`TimeoutError` (werkzeug's handler and the
+    receiver know it).
 
     Writes go on with the socket's last timeout: an answer of a few hundred bytes fits
     in the socket's buffer and does not wait.
     """
 
-    def __init__(self, connection: socket.socket, deadline: float) -> None:
+    def __init__(self, connection: socket.socket, timeout: float) -> None:
         self._connection = connection
-        self._deadline = deadline
+        self._timeout = timeout
+        self.restart()
+
+    def restart(self) -> None:
+        """Give the reads from now on *timeout* seconds in all."""
+        self._deadline = time.monotonic() + self._timeout
 
     def readable(self) -> bool:
         return True

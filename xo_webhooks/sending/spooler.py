@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._urls import endpoint_of, mask_url
+from .._urls import endpoint_of, mask_passwords
 from .delivery import Delivery
 from .spool import LEASE, Claimed, Row, Spool, owner_token
 
@@ -473,4 +473,4 @@ class Spooler:
         return set(ids) if found is _FAILED else found
 
     def __repr__(self) -> str:
-        return f"<Spooler {mask_url(self.path)} healthy={self.healthy} rows={self.rows}>"
+        return f"<Spooler {mask_passwords(self.path)} healthy={self.healthy} rows={self.rows}>"

@@ -11,7 +11,6 @@ closed while idle detected and replaced, and redirects never followed.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import http.client
 import io
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import certifi
 
-from .._urls import basic_auth, mask_url, parse_http_url, without_userinfo
+from .._urls import basic_auth, mask_passwords, parse_http_url, without_userinfo
 
 __all__ = ["Transport", "Route", "MAX_RESPONSE", "SessionFactory"]
 
@@ -86,12 +85,11 @@ class Route:
             return cls(key, https, parts.host, port, parts.target, host)
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         if via.scheme != "http" or not via.hostname:
-            raise ValueError(f"only http:// proxies are supported, not {mask_url(proxy)!r}")
+            raise ValueError(f"only http:// proxies are supported, not {mask_passwords(proxy)!r}")
         headers = {}
-        if via.username:
-            user, password = via.username, via.password or ""
-            login = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
-            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+        proxy_auth = basic_auth(via.geturl())
+        if proxy_auth:
+            headers["Proxy-Authorization"] = proxy_auth
         proxy_port = via.port or 80
         key = ("proxy", via.hostname, proxy_port, https, parts.host, port)
         if https:  # TLS to the origin, inside a CONNECT tunnel

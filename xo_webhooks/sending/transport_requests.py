@@ -279,6 +279,8 @@ def _use_deadline(session: requests.Session, url: str, proxies: dict[str, Any] |
 
 
 _QUERY = re.compile(r"\?[^\s'\")]*")
+# urllib3's "Max retries exceeded with url: /services/T0/B0/X" quotes the path.
+_URL_PATH = re.compile(r"(with url: )\S+")
 
 
 def _plain(error: BaseException) -> Exception:
@@ -300,9 +302,10 @@ def _plain(error: BaseException) -> Exception:
                 break
         queue += [*current.args, getattr(current, "reason", None)]
         queue += [current.__cause__, current.__context__]
-    # requests' own texts may quote a URL's query (a Teams sig=, a token=), masked here,
-    # and a bad header's value: a ValueError says which kind of input, not the text.
-    text = _QUERY.sub("?...", str(error))
+    # requests' own texts may quote a URL's path (a Slack hook's) and query (a Teams
+    # sig=, a token=), cut here, and a bad header's value: a ValueError says which
+    # kind of input, not the text.
+    text = _URL_PATH.sub(r"\1…", _QUERY.sub("?...", str(error)))
     if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
         return TimeoutError(text)
     if isinstance(error, ValueError):  # InvalidURL, InvalidHeader, InvalidSchema...
