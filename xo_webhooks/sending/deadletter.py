@@ -169,7 +169,6 @@ def read_records(path: str) -> list[dict[str, Any]]:
         return _parse_lines(f.read(), path)[0]
 
 
-
 def parse_record(text: str | bytes, where: str) -> dict[str, Any] | None:
     """The dead-letter record in *text*, or ``None`` when it is a notice, or (logged,
     naming *where*) damaged or not a record that can be sent (see
