@@ -114,12 +114,13 @@ def test_a_flood_never_exceeds_the_queue_bound_nor_writes_on_the_request_thread(
 
 def test_the_request_thread_never_writes_a_refused_hook_and_counts_it_lost(tmp_path, caplog):
     # A recorder that cannot keep up: what it cannot take is lost, logged, not written.
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     class SlowStore:
         records: list[dict] = []
 
         def append(self, records) -> None:
+            entered.set()
             gate.wait(5)
             self.records.extend(records)
 
@@ -128,14 +129,17 @@ def test_the_request_thread_never_writes_a_refused_hook_and_counts_it_lost(tmp_p
     dispatcher.dead_letters.store = SlowStore()
     hook = Hook(method="vm.start", type="pre", url="http://127.0.0.1:9/")
     try:
-        for n in range(1200):  # the lane holds 1; the recorder at most 1000
+        for n in range(2):  # the first holds the lane's one place; the second is refused
             dispatcher.submit(Delivery(hook, {**PRE, "callId": f"c{n}"}))
+        assert entered.wait(5)  # the recorder is busy writing it
+        for n in range(1200):  # the recorder takes 1000 more; 200 are lost
+            dispatcher.submit(Delivery(hook, {**PRE, "callId": f"d{n}"}))
         stats = dispatcher.stats()
-        assert stats["lost"] >= 190 and stats["pending"] <= 1
+        assert stats["lost"] == 200 and stats["pending"] <= 1
         assert any("too far behind" in r.getMessage() for r in caplog.records)
     finally:
         gate.set()
-        dispatcher.close(5)
+        dispatcher.close(0.1)  # the first hook waits 5 s to retry: given up at once
     assert_ledger(dispatcher.stats())
 
 
@@ -281,3 +285,36 @@ def test_replay_keeps_over_limit_records_as_notices_and_succeeds(
     out = capsys.readouterr().out
     assert "delivered 1" in out and "notices 1 (calls over XO_WEBHOOKS_MAX_CALLS, kept)" in out
     assert [json.loads(line) for line in dead.read_text().splitlines()] == [notice]
+
+
+def test_wait_for_response_threads_are_bounded_by_max_workers_across_requests(hung, serve, wrap):
+    app = create_app()
+    hooks = [{"method": "vm.start", "type": "pre", "url": hung.url, "waitForResponse": True}]
+    app.wsgi_app = middleware = wrap(
+        app.wsgi_app, hooks=hooks, timeout=0.5, max_workers=2, retries=0
+    )
+    url = serve(app).url + "/api"
+    most = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal most
+        while not done.is_set():
+            waiting = [t for t in threading.enumerate() if t.name.startswith("xo-webhooks-wait")]
+            most = max(most, len(waiting))
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    posts = [threading.Thread(target=requests.post, args=(url,),
+                              kwargs={"json": batch("vm.start", 10), "timeout": 30})
+             for _ in range(4)]  # fmt: skip
+    for post in posts:
+        post.start()
+    for post in posts:
+        post.join(30)
+    done.set()
+    watcher.join()
+    assert 1 <= most <= 2
+    assert middleware.stats()["accepted"] == 40  # every hook attempted or queued
+    hung.close()

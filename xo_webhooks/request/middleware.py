@@ -159,6 +159,9 @@ class WebhookMiddleware:
         self._bad_users_lock = threading.Lock()
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
         self._over_limit = OverLimit(self.settings)
+        # The threads that make waitForResponse first attempts side by side, at most
+        # max_workers in the process (see .waiting).
+        self._wait_slots = threading.BoundedSemaphore(self.settings.max_workers)
         # Called on the first request: a process that serves calls sends what waits in
         # the spool even before a call of its own has a hook (never one that only forks).
         self._first_request: Callable[[], None] | None = getattr(self.dispatcher, "start", None)
@@ -360,7 +363,7 @@ class WebhookMiddleware:
                     self.dispatcher.submit(Delivery(hook, pre, trace=trace))
         if waiting:  # by design, the call waits for these: one timeout at most
             deliver_first_attempts(
-                self.dispatcher, waiting, self.settings.max_workers, self.settings.timeout
+                self.dispatcher, waiting, self._wait_slots, self.settings.timeout
             )
         return tracked
 

@@ -2,10 +2,11 @@
 concurrently, and for one timeout at most in all.
 
 A batch of calls with such hooks would otherwise hold its request thread for one
-timeout per hook (20 calls against a hung receiver: 20 timeouts). Here up to
-``max_workers`` short-lived threads make the first attempts side by side; the request
-waits until they are all done or ``timeout`` has passed, and a hook whose attempt has
-not started by then is queued like any other hook, not waited for.
+timeout per hook (20 calls against a hung receiver: 20 timeouts). Here short-lived
+threads make the first attempts side by side, at most ``max_workers`` of them in the
+whole process (a slot each, shared by every request); the request waits until they
+are all done or ``timeout`` has passed, and a hook whose attempt has not started by
+then is queued like any other hook, not waited for.
 """
 
 from __future__ import annotations
@@ -27,20 +28,39 @@ logger = logging.getLogger(__name__)
 
 
 def deliver_first_attempts(
-    dispatcher: Dispatcher, deliveries: Sequence[Delivery], workers: int, timeout: float
+    dispatcher: Dispatcher,
+    deliveries: Sequence[Delivery],
+    slots: threading.Semaphore,
+    timeout: float,
 ) -> None:
-    """Make the first attempt of each of *deliveries* (``dispatcher.deliver_now``) in up
-    to *workers* threads; return once all are done, or after *timeout* seconds, when
-    those not yet started are queued (``dispatcher.submit``) instead."""
+    """Make the first attempt of each of *deliveries* (``dispatcher.deliver_now``) in
+    threads, one per free slot of *slots* (waiting for one if none is free); return
+    once all are done, or after *timeout* seconds, when those not yet started are
+    queued (``dispatcher.submit``) instead."""
     if len(deliveries) == 1:  # the common case: no thread to start
         dispatcher.deliver_now(deliveries[0])
         return
-    attempts = _FirstAttempts(dispatcher, deliveries, time.monotonic() + timeout)
-    for number in range(min(workers, len(deliveries))):
-        threading.Thread(
-            target=attempts.work, name=f"xo-webhooks-wait-{number}", daemon=True
-        ).start()
+    deadline = time.monotonic() + timeout
+    attempts = _FirstAttempts(dispatcher, deliveries, deadline)
+    started = 0
+    while started < len(deliveries) and slots.acquire(blocking=False):
+        started += _start(attempts, slots, started)
+    if not started and slots.acquire(timeout=timeout):  # every slot busy: wait for one
+        started += _start(attempts, slots, started)
     attempts.wait()
+
+
+def _start(attempts: _FirstAttempts, slots: threading.Semaphore, number: int) -> int:
+    """Start a thread on *attempts* that gives its slot back when it ends; 1."""
+
+    def work() -> None:
+        try:
+            attempts.work()
+        finally:
+            slots.release()
+
+    threading.Thread(target=work, name=f"xo-webhooks-wait-{number}", daemon=True).start()
+    return 1
 
 
 class _FirstAttempts:
