@@ -822,7 +822,7 @@ def test_reopen_gives_a_forked_child_a_free_log_lock(tmp_path):
     """A fork can happen while another thread holds the give-up log's lock: after
     reopen() (the dispatcher's after-fork hook) keeping a hook must not wait for it."""
     dead_letters = DeadLetters(load_settings(environ={}, dead_letter=str(tmp_path / "d.jsonl")))
-    dead_letters._lock.acquire()  # as a parent's thread would, at the moment of the fork
+    dead_letters._say["kept"]._lock.acquire()  # as a parent's thread would, at the fork
     dead_letters.reopen()
     kept: list[bool] = []
     worker = threading.Thread(

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: Imported by every direction; import none of them.
 SHARED = {
-    "_version", "_text", "_urls", "_streams", "_trace", "errors", "config", "schema", "signing",
+    "_version", "_text", "_urls", "_sometimes", "_streams", "_trace", "errors", "config",
+    "schema", "signing",
 }  # fmt: skip
 #: What each part may import, besides itself and the shared pieces.
 ALLOWED = {

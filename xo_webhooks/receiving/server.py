@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
+from .._sometimes import Sometimes
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -93,8 +94,8 @@ class ReceiverServer(ThreadedWSGIServer):
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         # Used by the accept loop only, so without a lock.
-        self._warn_full = _Sometimes(WARN_EVERY)
-        self._warn_starved = _Sometimes(WARN_EVERY)
+        self._warn_full = Sometimes(WARN_EVERY)
+        self._warn_starved = Sometimes(WARN_EVERY)
         super().__init__(host, port, app, handler=_DeadlineHandler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -148,21 +149,6 @@ class ReceiverServer(ThreadedWSGIServer):
                 WARN_EVERY,
             )
         time.sleep(ACCEPT_BACKOFF)
-
-
-class _Sometimes:
-    """True at most once every *period* seconds: for a warning a flood would repeat."""
-
-    def __init__(self, period: float) -> None:
-        self._period = period
-        self._last = -math.inf
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._period:
-            return False
-        self._last = now
-        return True
 
 
 class _DeadlineHandler(WSGIRequestHandler):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from .._sometimes import Sometimes
 from .._text import shorten
 from ..config import Hook, Settings
 from ..sending.deadletter import OVER_LIMIT, DeadLetterStore
@@ -52,7 +52,7 @@ class OverLimit:
         self._target = settings.dead_letter
         self._lock = threading.Lock()
         self.hooks = 0  #: hooks not queued since start
-        self._last_log = -math.inf
+        self._say = Sometimes(LOG_INTERVAL)
         self._store: DeadLetterStore | None = None
         self._recorder = self._new_recorder()
         ref = weakref.ref(self)  # a forked child gets a recorder whose thread it can start
@@ -94,10 +94,7 @@ class OverLimit:
         }
         with self._lock:
             self.hooks += hooks
-            now = time.monotonic()
-            log = now - self._last_log >= LOG_INTERVAL
-            if log:
-                self._last_log = now
+        log = self._say()
         queued = self._recorder.put([record])
         if log:
             logger.warning(
@@ -126,6 +123,7 @@ def _renew(ref: weakref.ref[OverLimit]) -> None:
     if over_limit is not None:
         over_limit._recorder = over_limit._new_recorder()
         over_limit._lock = threading.Lock()
+        over_limit._say.reset()
 
 
 def _ignore(records: list[dict[str, Any]], written: bool) -> None:

@@ -21,12 +21,12 @@ import http.client
 import logging
 import random
 import re
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._sometimes import Sometimes
 from .._text import describe_error
 from .deadletter import DeadLetterFile, DeadLetterStore
 
@@ -219,13 +219,14 @@ class DeadLetters:
         self._redact = settings.redact
         self._given = store
         self.store: RecordWriter | None = store
-        self._last_log = {"kept": 0.0, "lost": 0.0}
+        self._say = {"kept": Sometimes(LOG_INTERVAL), "lost": Sometimes(LOG_INTERVAL)}
         self.reopen()
 
     def reopen(self) -> None:
         """Open the store and the log's lock afresh (in a child process after a fork,
         another thread of the parent may have held either)."""
-        self._lock = threading.Lock()
+        for say in self._say.values():
+            say.reset()
         if self._given is None:
             self.store = open_dead_letter(self._target) if self._target else None
 
@@ -253,11 +254,8 @@ class DeadLetters:
         self._log("lost", deliveries, f"lost ({reason}); see stats() for the count")
 
     def _log(self, kind: str, deliveries: Sequence[Delivery], outcome: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_log[kind] < LOG_INTERVAL:
-                return
-            self._last_log[kind] = now
+        if not self._say[kind]():
+            return
         first = deliveries[0]
         logger.log(
             logging.WARNING if kind == "kept" else logging.ERROR,
