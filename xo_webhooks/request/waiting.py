@@ -44,14 +44,15 @@ def deliver_first_attempts(
     attempts = _FirstAttempts(dispatcher, deliveries, deadline)
     started = 0
     while started < len(deliveries) and slots.acquire(blocking=False):
-        started += _start(attempts, slots, started)
+        _start(attempts, slots, started)
+        started += 1
     if not started and slots.acquire(timeout=timeout):  # every slot busy: wait for one
-        started += _start(attempts, slots, started)
+        _start(attempts, slots, started)
     attempts.wait()
 
 
-def _start(attempts: _FirstAttempts, slots: threading.Semaphore, number: int) -> int:
-    """Start a thread on *attempts* that gives its slot back when it ends; 1."""
+def _start(attempts: _FirstAttempts, slots: threading.Semaphore, number: int) -> None:
+    """Start a thread on *attempts* that gives its slot back when it ends."""
 
     def work() -> None:
         try:
@@ -60,7 +61,6 @@ def _start(attempts: _FirstAttempts, slots: threading.Semaphore, number: int) ->
             slots.release()
 
     threading.Thread(target=work, name=f"xo-webhooks-wait-{number}", daemon=True).start()
-    return 1
 
 
 class _FirstAttempts:
@@ -76,11 +76,7 @@ class _FirstAttempts:
 
     def work(self) -> None:
         """Take hooks until none is left: attempt each, or queue it when too late."""
-        while True:
-            try:
-                delivery = self._todo.popleft()  # atomic: each hook is taken once
-            except IndexError:
-                return
+        while (delivery := self._take()) is not None:
             try:
                 if time.monotonic() < self._deadline:
                     self._dispatcher.deliver_now(delivery)
@@ -97,12 +93,14 @@ class _FirstAttempts:
         """Wait for the attempts until the deadline; then queue what none has started."""
         if self._done.wait(max(0.0, self._deadline - time.monotonic())):
             return
-        while True:
-            try:
-                delivery = self._todo.popleft()
-            except IndexError:
-                return
+        while (delivery := self._take()) is not None:
             try:
                 self._dispatcher.submit(delivery)
             except Exception:
                 logger.exception("xo-webhooks could not queue a waitForResponse hook")
+
+    def _take(self) -> Delivery | None:
+        try:
+            return self._todo.popleft()  # atomic: each hook is taken once
+        except IndexError:
+            return None
