@@ -9,7 +9,10 @@ pre payload, in interleaved rounds:
   receiver that accepts the connection and never answers, so it burns no CPU;
 - celery: ``CeleryDispatcher.submit`` redacts and publishes to a ``redis-server``
   started here on 127.0.0.1 (the loopback round trip is part of the cost); no worker
-  runs, the queue is emptied between rounds.
+  runs, the queue is emptied between rounds;
+- celery, today's code path: the same dispatcher given a Celery app, which it publishes
+  with through ``send_task`` (kombu's producer, as every earlier version did);
+- celery, ``submit_many``: the pre hooks of a call to two URLs in one message, per hook.
 
 Then the broker's failure modes, which bound the request path: the first publish of a
 process (it connects), a hung broker (SIGSTOP: connected, no answer) and a stopped one
@@ -46,6 +49,9 @@ from xo_webhooks import load_settings  # noqa: E402
 from xo_webhooks.request.payload import pre_payload  # noqa: E402
 from xo_webhooks.sending.delivery import Delivery  # noqa: E402
 from xo_webhooks.sending.dispatcher import ThreadDispatcher  # noqa: E402
+
+#: The request path's publish, per hook, that issue 18 asks for.
+PUBLISH_TARGET = "<= 50"
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw3NjFjYvZmi0="
 PARAMS = {"id": "0f3a7c4e-8b1d-4c2a-9e5f-6a7b8c9d0e1f", "force": False, "password": "x"}
@@ -99,9 +105,29 @@ def timed_submits(submit: Callable[[Delivery], None], batch: list[Delivery]) -> 
     return (time.perf_counter() - start) / len(batch) * 1e6
 
 
+def timed_calls(submit_many: Callable[[list[Delivery]], None], batch: list[Delivery]) -> float:
+    """Microseconds per hook of ``submit_many()`` over *batch*, two hooks per call."""
+    gc.collect()
+    pairs = [batch[n : n + 2] for n in range(0, len(batch), 2)]
+    start = time.perf_counter()
+    for pair in pairs:
+        submit_many(pair)
+    return (time.perf_counter() - start) / len(batch) * 1e6
+
+
+def paired(settings: Any, count: int) -> list[Delivery]:
+    """The pre hooks of *count* / 2 calls, each to the two hooks of *settings*."""
+    return [
+        Delivery(hook, delivery.payload)
+        for delivery in deliveries(settings, count // 2)
+        for hook in settings.hooks
+    ]
+
+
 def run(rounds: int = 7, per_round: int = 2000) -> list[Row]:
     """Measure; return the table's rows (scenario ``C1``...``C6``)."""
     from xo_webhooks.celery import QUEUE, CeleryDispatcher
+    from xo_webhooks.sending.celery import celery_app
 
     logging.getLogger("xo_webhooks").setLevel(logging.CRITICAL)  # C5, C6 fail on purpose
     rows: list[Row] = []
@@ -111,34 +137,78 @@ def run(rounds: int = 7, per_round: int = 2000) -> list[Row]:
             hooks, {}, dispatcher="celery", broker_url=broker, max_workers=1, timeout=3600,
             queue_size=10 * rounds * per_round + 10,
         )  # fmt: skip
+        two = [{**hooks[0], "url": url + "/second"}, *hooks]
+        two_settings = load_settings(
+            two, {}, dispatcher="celery", broker_url=broker, queue_size=10 * rounds * per_round
+        )
         thread = ThreadDispatcher(settings)
         celery = CeleryDispatcher(settings)
+        today = CeleryDispatcher(settings, app=celery_app(settings, publisher=True))
+        many = CeleryDispatcher(two_settings)
         import redis
 
         store = redis.Redis.from_url(broker)
+
         try:
             timed_submits(thread.submit, deliveries(settings, 200))  # warm-up
             timed_submits(celery.submit, deliveries(settings, 200))
-            costs: dict[str, list[float]] = {"thread": [], "celery": []}
+            timed_submits(today.submit, deliveries(settings, 200))
+            timed_calls(many.submit_many, paired(two_settings, 200))
+            from xo_webhooks.sending.celery_wire import Broker, pack
+
+            wire = Broker(broker, 1.0)
+            floor_message = pack("LPUSH", "bench:floor", b"x" * 1200)  # a message's size
+
+            def floor(count: int) -> float:
+                """Microseconds per bare LPUSH round trip on a kept connection."""
+                start = time.perf_counter()
+                for _ in range(count):
+                    wire.execute([floor_message])
+                return (time.perf_counter() - start) / count * 1e6
+
+            costs: dict[str, list[float]] = {
+                "thread": [], "celery": [], "today": [], "many": [], "floor": []
+            }  # fmt: skip
+            slices = 10  # the sides alternate every per_round / 10 hooks: a burst of load
+            size = per_round // slices  # from another process hits them alike
             for i in range(rounds):
-                sides = [("thread", thread.submit), ("celery", celery.submit)]
-                for name, submit in sides if i % 2 == 0 else sides[::-1]:
-                    costs[name].append(timed_submits(submit, deliveries(settings, per_round)))
-                store.delete(QUEUE)
+                sides: list[tuple[str, Callable[[], float]]] = [
+                    ("thread", lambda: timed_submits(thread.submit, deliveries(settings, size))),
+                    ("celery", lambda: timed_submits(celery.submit, deliveries(settings, size))),
+                    ("today", lambda: timed_submits(today.submit, deliveries(settings, size))),
+                    ("many", lambda: timed_calls(many.submit_many, paired(two_settings, size))),
+                    ("floor", lambda: floor(size)),
+                ]
+                spent = dict.fromkeys(costs, 0.0)
+                for j in range(slices):
+                    for name, measure in sides if (i + j) % 2 == 0 else sides[::-1]:
+                        spent[name] += measure() / slices
+                for name in costs:
+                    costs[name].append(spent[name])
+                store.delete(QUEUE, "bench:floor")
+            wire.close()
             published = celery.stats()["published"]
-            expected = 200 + rounds * per_round
+            expected = 200 + rounds * slices * size
             if published != expected:
                 raise RuntimeError(f"{published} hooks published, expected {expected}")
         finally:
-            thread.close(0)
-            celery.close(0)
+            for dispatcher in (thread, celery, today, many):
+                dispatcher.close(0)
         ratio = Spread.of([c / t for c, t in zip(costs["celery"], costs["thread"], strict=True)])
+        gain = Spread.of([c / t for c, t in zip(costs["celery"], costs["today"], strict=True)])
         detail = {"hooks_per_round": per_round, "broker": "redis-server on 127.0.0.1"}
         rows += [
             Row("C1", "thread dispatcher: submit() per hook (enqueue)",
                 Spread.of(costs["thread"]), unit="us", detail=detail),
             Row("C2", "celery dispatcher: submit() per hook (publish to Redis)",
-                Spread.of(costs["celery"]), unit="us", detail=detail),
+                Spread.of(costs["celery"]), unit="us", target=PUBLISH_TARGET, detail=detail),
+            Row("C2", "  today's code path: submit() through send_task (kombu)",
+                Spread.of(costs["today"]), unit="us", detail=detail),
+            Row("C2", "  celery submit() / today's code path", gain, detail=detail),
+            Row("C2", "celery submit_many(), a call's 2 pre hooks in 1 message: per hook",
+                Spread.of(costs["many"]), unit="us", target=PUBLISH_TARGET, detail=detail),
+            Row("C2", "  the floor: a bare LPUSH round trip to Redis on a kept connection",
+                Spread.of(costs["floor"]), unit="us", detail=detail),
             Row("C3", "celery / thread submit() cost", ratio, detail=detail),
         ]  # fmt: skip
 

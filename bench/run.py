@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import celery_publish  # noqa: E402
+import celery_workers  # noqa: E402
 import isolation  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
@@ -164,6 +165,8 @@ def main(argv: list[str]) -> int:
             print("C skipped: redis-server is not installed (apt-get install redis-server)")
         else:
             step("C celery publish cost", celery_publish.run, args.rounds)
+            step("C celery workers: hooks/s, CPU and Redis commands per hook",
+                 celery_workers.run, args.rounds, 4000, True, args.receiver)  # fmt: skip
     if "10" in only:
         with receivers.any_fast_receiver(args.receiver) as (url, receiver):
             print(f"receiver for 10: {receiver} at {url}", flush=True)

@@ -76,13 +76,17 @@ def broker(redis_server: RedisServer) -> RedisServer:
 
 #: ``python -m celery``, after setting the constants of xo_webhooks.sending.celery given
 #: first on the command line as NAME=VALUE (see Workers.speed_up).
-PATCHED_CELERY = (
+PATCHED_CELERY = (  # each worker module that reads a constant has its own name for it
     "import sys\n"
     "import xo_webhooks.sending.celery as c\n"
+    "import xo_webhooks.sending.celery_batch as b\n"
+    "import xo_webhooks.sending.celery_messages as m\n"
     "while '=' in sys.argv[1]:\n"
     "    name, value = sys.argv.pop(1).split('=')\n"
     "    assert hasattr(c, name), name\n"
-    "    setattr(c, name, float(value))\n"
+    "    for module in (c, b, m):\n"
+    "        if hasattr(module, name):\n"
+    "            setattr(module, name, float(value))\n"
     "from celery.__main__ import main\n"
     "main()\n"
 )

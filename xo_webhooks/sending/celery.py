@@ -1,7 +1,7 @@
 """Durable delivery on Celery with a Redis broker (``XO_WEBHOOKS_DISPATCHER=celery``):
 the Celery app and the workers' side.
 
-The request path only publishes one message per hook
+The request path only publishes messages of hooks, one per call
 (:class:`~.celery_publisher.CeleryDispatcher`); Celery workers deliver them with the
 same payloads, formats, signing, timeouts and retry schedule as the thread dispatcher,
 configured from the same ``XO_WEBHOOKS_*`` variables::
@@ -21,8 +21,16 @@ leaves open: a worker takes a message with ``BRPOP``, which removes it from the 
 and records it as unacknowledged in a second command; a worker killed in between (a
 millisecond, more when it is busy) loses that message. So a message is taken as few
 times as possible (see :meth:`Worker._hold`). Ordering: a post hook whose pre hook (same
-call, same URL) is still on its way waits for it, polling a marker the pre's worker sets
-in Redis, for at most the pre's whole retry schedule (see :meth:`Worker.hold_limit`).
+call, same URL) is still on its way waits for it, polling a marker in Redis (the pre's
+*pending* marker, set with its publish and deleted when it is done; from older
+publishers, a *done* marker the pre's worker sets), for at most the pre's whole retry
+schedule (see :meth:`Worker.hold_limit`).
+
+A task delivers more than its own message: the worker takes more from the queue
+(:class:`~.celery_wire.Drain`) and sends their hooks together, in a few threads over
+kept-alive connections; each hook is then retried, parked or dead-lettered alone
+(:mod:`.celery_batch`). A message holds one hook (``{"message": ...}``, as every
+version published) or the hooks of one call (``{"messages": [...]}``).
 
 Needs the ``celery`` extra; the base install never imports this module.
 """
@@ -33,6 +41,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -41,6 +50,28 @@ from celery.exceptions import Retry
 
 from .._urls import endpoint_of
 from ..config import Settings
+from .celery_messages import (  # noqa: F401 - re-exported: the workers' names
+    COUNTDOWN_LIMIT,
+    DEFAULT_BROKER_URL,
+    HOLD_FIRST_POLL,
+    HOLD_MAX_POLL,
+    HOLD_WAIT,
+    HOLD_WAIT_POLL,
+    PARK_POLL,
+    PRE_DONE_KEY,
+    PRE_DONE_TTL,
+    PRE_PENDING_KEY,
+    PUBLISH_TIMEOUT,
+    QUEUE,
+    RESTORE_INTERVAL,
+    TASK_NAME,
+    VISIBILITY_TIMEOUT,
+    again_message,
+    message_summary,
+    messages_summary,
+    pending_mark,
+    pre_keys,
+)
 from .delivery import Delivery, Sender
 from .endpoints import Breaker, Gate, probe_lease
 from .endpoints_redis import Parking, SharedBreakers
@@ -51,6 +82,7 @@ __all__ = [
     "Worker",
     "celery_app",
     "message_summary",
+    "messages_summary",
     "TASK_NAME",
     "QUEUE",
     "VISIBILITY_TIMEOUT",
@@ -58,33 +90,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-TASK_NAME = "xo_webhooks.deliver"
-QUEUE = "xo-webhooks"
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-#: Seconds before a message a worker took but never acknowledged (it was killed) is
-#: given to another worker. Longer than the longest wait a worker holds a message for
-#: (a retry's countdown, at most :data:`COUNTDOWN_LIMIT`, plus one attempt; a held
-#: post's, less), short enough for a redelivery within 2 minutes. A message held longer
-#: is delivered twice: longer waits are parked in Redis instead.
-VISIBILITY_TIMEOUT = 90
-#: Seconds: a retry due sooner waits as a Celery countdown; a later one is parked.
-COUNTDOWN_LIMIT = 60.0
-#: Seconds between a worker's moves of due parked hooks back to the queue.
-PARK_POLL = 1.0
-#: Seconds between a worker's sweeps for such messages (kombu's default is 100).
-RESTORE_INTERVAL = 5
-#: Seconds the request path waits to connect to the broker, and for its answer.
-PUBLISH_TIMEOUT = 0.2
-#: Marks a delivered or given-up pre hook, for its post hook (``SET ... EX``).
-PRE_DONE_KEY = "xo-webhooks:pre-done:{}"
-PRE_DONE_TTL = 3600
-#: Seconds a post hook first waits in its task for its pre hook (a pre being delivered
-#: right now), checking every ``HOLD_WAIT_POLL``, before it is put back in the queue.
-HOLD_WAIT, HOLD_WAIT_POLL = 1.0, 0.05
-#: Seconds before a held post's later checks: doubling, so that a long hold is taken
-#: from the queue a few times, not every few seconds; capped below the visibility timeout.
-HOLD_FIRST_POLL, HOLD_MAX_POLL = 1.0, 30.0
 
 
 def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
@@ -129,10 +134,27 @@ def celery_app(settings: Settings, *, publisher: bool = False) -> Celery:
         worker = Worker(settings)
 
         @app.task(name=TASK_NAME, bind=True, max_retries=None, acks_late=True)
-        def deliver(task: Task, message: dict[str, Any]) -> str:
-            """Deliver one hook message: ``"delivered"``, ``"failed"``, ``"parked"``, or
-            a retry."""
-            return worker.run(task, message)
+        def deliver(
+            task: Task,
+            message: dict[str, Any] | None = None,
+            messages: list[dict[str, Any]] | None = None,
+        ) -> str:
+            """Deliver a message of one hook or of a call's hooks, and more taken from
+            the queue: what became of them (``"delivered"``, ``"failed"``,
+            ``"parked"``), or a retry."""
+            hooks = [message] if message is not None else list(messages or [])
+            return worker.run_task(task, hooks)
+
+        def republish(message: dict[str, Any], countdown: float | None) -> None:
+            """Publish one hook's message again, alone (a retry, a hold)."""
+            app.send_task(
+                TASK_NAME,
+                kwargs={"message": message},
+                kwargsrepr=message_summary(message),
+                countdown=countdown,
+            )
+
+        worker.republish = republish
 
         app.steps["worker"].add(_parked_hooks_step(app, worker))
         if settings.metrics_port:
@@ -215,6 +237,10 @@ class Worker:
         self._markers: redis.Redis | None = None
         self._breakers: SharedBreakers | None = None
         self._parking: Parking | None = None
+        self._batches: Any = None  # the batch delivery of this process (after a fork)
+        #: Publishes one hook's message again (a retry or a hold of a hook that came
+        #: with others); set by :func:`celery_app`. Without it, ``task.retry``.
+        self.republish: Callable[[dict[str, Any], float | None], None] | None = None
 
     @property
     def breakers(self) -> SharedBreakers:
@@ -245,6 +271,16 @@ class Worker:
             self._markers = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
         return self._markers
 
+    def run_task(self, task: Task, hooks: list[dict[str, Any]]) -> str:
+        """The body of the task: deliver the hooks of its message and those of more
+        messages taken from the queue (:mod:`.celery_batch`); a lone hook as
+        :meth:`run` does."""
+        from .celery_batch import Batches
+
+        if self._batches is None or self._batches.pid != os.getpid():
+            self._batches = Batches(self)
+        return str(self._batches.run(task, hooks))
+
     def delivery(self, message: dict[str, Any]) -> Delivery:
         """The delivery a message stands for, with the secret and headers configured
         here for its URL (else the global secret)."""
@@ -254,28 +290,29 @@ class Worker:
         """Hold, ask the endpoint's breaker, send, then finish, retry or park one
         message (the body of the task)."""
         delivery = self.delivery(message)
+        marked = pending_mark(message)
         origin = endpoint_of(delivery.hook.url)
         not_before = float(message.get("notBefore") or 0)
         if not_before > time.time():  # a long retry of a waitForResponse hook
             again = {k: v for k, v in message.items() if k != "notBefore"}
             if self._park(origin, again, not_before, delivery):
                 return "parked"
-        if message.get("after"):
+        if message.get("after") or message.get("afterPending"):
             self._hold(task, message, delivery)
         gate, breaker = self._admit(origin)
         if gate is Gate.GONE:
             delivery.last_error = breaker.unavailable(origin)
-            self._give_up(delivery, origin, "gone")
+            self._give_up(delivery, origin, "gone", marked)
             return "failed"
         if gate is Gate.WAIT:
-            return self._wait(message, delivery, origin, breaker)
+            return self._wait(message, delivery, origin, breaker, marked)
         started = time.monotonic()
         attempt = self.sender.send(delivery)
         if self.observers:
             self.observers.attempted(origin, attempt, time.monotonic() - started)
         breaker = self._record(origin, attempt)
         if attempt.delivered:
-            self._done(delivery)
+            self._done(delivery, marked)
             if self.observers:
                 self.observers.delivered(origin, delivery)
             return "delivered"
@@ -286,12 +323,12 @@ class Worker:
             delivery.last_error = breaker.unavailable(origin)
             reason = "gone"
         elif delay is not None and delay > COUNTDOWN_LIMIT:
-            if self._park(origin, delivery.to_message(), time.time() + delay, delivery):
+            if self._park(origin, again_message(delivery, marked), time.time() + delay, delivery):
                 return "parked"
             reason = "broker"
         elif delay is not None:
             # No "after" any more: the pre hook was done, or waited for long enough.
-            again = delivery.to_message()
+            again = again_message(delivery, marked)
             try:
                 raise task.retry(
                     args=(),
@@ -304,7 +341,7 @@ class Worker:
             except Exception as e:  # the broker is gone: keep the hook all the same
                 delivery.last_error = f"{attempt.error}; could not queue the retry: {e}"[:300]
                 reason = "broker"
-        self._give_up(delivery, origin, reason)
+        self._give_up(delivery, origin, reason, marked)
         return "failed"
 
     def _admit(self, origin: str) -> tuple[Gate, Breaker]:
@@ -328,7 +365,12 @@ class Worker:
         return breaker
 
     def _wait(
-        self, message: dict[str, Any], delivery: Delivery, origin: str, breaker: Breaker
+        self,
+        message: dict[str, Any],
+        delivery: Delivery,
+        origin: str,
+        breaker: Breaker,
+        marked: bool | None = None,
     ) -> str:
         """Park a hook whose endpoint is down until its next probe, for as long as its
         own schedule lasts; then give it up."""
@@ -342,13 +384,25 @@ class Worker:
                 origin, {**message, "giveUpAt": give_up_at}, min(due, give_up_at), delivery
             ):
                 self._note_waiting(origin, delivery.id)
+                self._released_meanwhile(origin)
                 return "parked"
             reason = "broker"
         else:
             delivery.last_error = breaker.unavailable(origin)
             reason = "retries_exhausted"
-        self._give_up(delivery, origin, reason)
+        self._give_up(delivery, origin, reason, marked)
         return "failed"
+
+    def _released_meanwhile(self, origin: str) -> None:
+        """After parking a hook for an endpoint that was down: if its probe succeeded
+        (or it was disabled) since this worker asked, the release of its parked hooks
+        may have come before this one was parked; release them again, or this one
+        waits for a probe that will not come (until the probe's lease has passed)."""
+        try:
+            if self.breakers.load(origin).state in ("closed", "disabled"):
+                self.parking.release(origin)
+        except (redis.RedisError, ValueError):
+            logger.debug("could not check the breaker of %s again", origin, exc_info=True)
 
     def _park(self, origin: str, message: dict[str, Any], due: float, delivery: Delivery) -> bool:
         """Park *message* until *due*; ``False`` (the hook's error says why) if Redis
@@ -380,9 +434,8 @@ class Worker:
         post first waits here for a pre that is being delivered right now (most holds),
         and is put back only for one that is slower, or retrying.
         """
-        keys = [PRE_DONE_KEY.format(pre_id) for pre_id in message["after"]]
         holds = int(message.get("holds", 0))
-        if self._pres_done(keys, wait=0.0 if holds else HOLD_WAIT):
+        if self._pres_done(*pre_keys(message), wait=0.0 if holds else HOLD_WAIT):
             return
         now = time.time()
         until = float(message.get("holdUntil") or now + self.hold_limit)
@@ -403,13 +456,16 @@ class Worker:
         except Exception:  # the broker is gone: deliver now rather than lose the hook
             logger.warning("could not hold a post hook; sending it now", exc_info=True)
 
-    def _pres_done(self, keys: list[str], wait: float) -> bool:
-        """Whether the pre hooks of *keys* are all done, checking for up to *wait* s.
-        ``False`` at once when Redis cannot say: the post is then held, not sent."""
+    def _pres_done(self, done: list[str], pending: list[str], wait: float) -> bool:
+        """Whether the pre hooks are all done: their *done* markers all set, their
+        *pending* markers all gone; checking for up to *wait* s. ``False`` at once when
+        Redis cannot say: the post is then held, not sent."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                if self.markers.exists(*keys) == len(keys):
+                if (not done or self.markers.exists(*done) == len(done)) and (
+                    not pending or self.markers.exists(*pending) == 0
+                ):
                     return True
             except redis.RedisError:
                 logger.warning("could not check whether the pre hook is done", exc_info=True)
@@ -418,28 +474,25 @@ class Worker:
                 return False
             time.sleep(HOLD_WAIT_POLL)
 
-    def _done(self, delivery: Delivery) -> None:
-        """A delivery is finished: if it is a pre hook, let its post hook go."""
+    def _done(self, delivery: Delivery, marked: bool | None = None) -> None:
+        """A delivery is finished: if it is a pre hook, let its post hook go (delete
+        its pending marker when the publisher set one, *marked*; set a done marker
+        for a pre from an older publisher, which says neither, ``None``)."""
         if not delivery.is_pre:
             return
         try:
-            self.markers.set(PRE_DONE_KEY.format(delivery.id), b"1", ex=PRE_DONE_TTL)
+            if marked:
+                self.markers.delete(PRE_PENDING_KEY.format(delivery.id))
+            elif marked is None:  # from an older publisher: its post waits for a done marker
+                self.markers.set(PRE_DONE_KEY.format(delivery.id), b"1", ex=PRE_DONE_TTL)
         except redis.RedisError:
             logger.warning("could not mark pre hook %s as done", delivery.id, exc_info=True)
 
-    def _give_up(self, delivery: Delivery, origin: str, reason: str) -> None:
+    def _give_up(
+        self, delivery: Delivery, origin: str, reason: str, marked: bool | None = None
+    ) -> None:
         delivery.reason = reason
         self.dead_letters.keep([delivery])
         self._count(origin, "failed")
-        self._done(delivery)
+        self._done(delivery, marked)
         self.observers.gave_up_on(delivery, self.settings.redact)
-
-
-def message_summary(message: dict[str, Any]) -> str:
-    """What Celery logs and shows of a message (its ``kwargsrepr``): by default a repr
-    of the whole payload, costly to build on the request path and sent twice."""
-    payload = message["payload"]
-    return (
-        f"{{'message': '{payload.get('method')} {payload.get('type')} "
-        f"call {payload.get('callId')} {message['id']} attempts {message['attempts']}'}}"
-    )

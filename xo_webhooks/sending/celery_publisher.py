@@ -1,6 +1,13 @@
 """The request path's side of delivery on Celery: :class:`CeleryDispatcher` publishes
-one message per hook for the workers (:mod:`.celery`), and makes a ``waitForResponse``
-hook's first attempt itself.
+the hooks for the workers (:mod:`.celery`), and makes a ``waitForResponse`` hook's first
+attempt itself.
+
+A publish is one ``LPUSH`` of a Celery task message on a kept connection
+(:mod:`.celery_wire`), answered before ``submit()`` returns: the hook is in Redis when
+the call goes on. :meth:`CeleryDispatcher.submit_many` puts the hooks of one call in one
+message. A pre hook that a post hook to the same URL will follow also gets a *pending*
+marker in the same round trip (:data:`.celery.PRE_PENDING_KEY`), which its worker
+deletes once it is done: the post waits while it exists.
 
 Needs the ``celery`` extra; the base install never imports this module.
 """
@@ -27,11 +34,17 @@ from ..config import Settings
 from .celery import (
     COUNTDOWN_LIMIT,
     DEFAULT_BROKER_URL,
+    PRE_PENDING_KEY,
     PUBLISH_TIMEOUT,
+    QUEUE,
+    RESTORE_INTERVAL,
     TASK_NAME,
+    VISIBILITY_TIMEOUT,
     celery_app,
     message_summary,
+    messages_summary,
 )
+from .celery_wire import Broker, pack, task_message
 from .delivery import Delivery, Sender
 from .endpoints import Breaker, Gate, probe_lease
 from .endpoints_redis import Parking, SharedBreakers
@@ -48,12 +61,13 @@ BROKER_DOWN_SECONDS = 1.0
 
 
 class CeleryDispatcher:
-    """Publishes one Celery message per hook; workers deliver them.
+    """Publishes Celery messages of hooks; workers deliver them.
 
     :param settings: the broker URL, redaction words, dead-letter target, and for
         ``waitForResponse`` pre hooks the timeout and retry schedule.
-    :param app: the Celery app to publish with (by default one built from *settings*
-        on first use, in the process that publishes).
+    :param app: a Celery app to publish with, through its ``send_task`` (a project's
+        own setup; slower). By default messages are written straight to the broker of
+        *settings* (:mod:`.celery_wire`), on connections kept by this process.
 
     ``stats()`` counts in this process: ``published`` is the hooks handed to the broker
     (their fate is the workers'), so ``accepted == delivered + published + failed +
@@ -66,6 +80,10 @@ class CeleryDispatcher:
         self.sender = Sender(settings)
         self.policy = RetryPolicy.from_settings(settings)
         self.dead_letters = DeadLetters(settings)
+        # Seconds a pending marker lives at most: as long as a post hook waits for it.
+        schedule = self.policy.longest_schedule(settings.timeout)
+        self._pending_ttl = int(schedule + VISIBILITY_TIMEOUT + RESTORE_INTERVAL) + 1
+        self._followed = {hook.url for hook in settings.hooks if hook.post}
         #: Told what happens to hooks (metrics, ``on_give_up``): see :mod:`.observers`.
         self.observers = Observers()
         self._given_app = app
@@ -93,12 +111,45 @@ class CeleryDispatcher:
         self._down_until = 0.0
         self._closed = False
         self._shared: SharedBreakers | None = None
+        self._broker: Broker | None = None  # a forked child forgets the parent's sockets
 
     def submit(self, delivery: Delivery) -> None:
         """Publish *delivery*; on failure dead-letter it. Never raises; waits at most
         about :data:`PUBLISH_TIMEOUT` twice (connect, answer) for the broker."""
         self._accept(delivery)
         self._hand_over(delivery)
+
+    def submit_many(self, deliveries: list[Delivery]) -> None:
+        """Publish *deliveries* (the pre hooks of a call, or the post hooks of a
+        response) in one round trip to the broker: one message per call, holding its
+        hooks. Each hook keeps its own ``webhook-id``, retries and dead letter; on
+        failure each is dead-lettered. Never raises; waits as :meth:`submit` does."""
+        if not deliveries:
+            return
+        for delivery in deliveries:
+            self._accept(delivery)
+        if len(deliveries) == 1 or self._given_app is not None:
+            for delivery in deliveries:
+                self._hand_over(delivery)
+            return
+        ready = []
+        for delivery in deliveries:
+            try:
+                delivery.redact(self.settings.redact)
+            except Exception as e:  # the middleware's own failure never reaches the app
+                logger.exception("could not publish a hook")
+                delivery.last_error = f"could not publish: {type(e).__name__}"
+                self._give_up(delivery, "broker")
+            else:
+                ready.append(delivery)
+        calls: dict[Any, list[Delivery]] = {}
+        for delivery in ready:
+            calls.setdefault(delivery.call_id, []).append(delivery)
+        try:
+            self._push(list(calls.values()))
+        except Exception as e:  # a bug: as in _hand_over, never reaches the app
+            logger.exception("could not publish hooks")
+            self._settle(ready, f"could not publish: {type(e).__name__}", "broker")
 
     def deliver_now(self, delivery: Delivery) -> bool:
         """Make the first attempt in this thread (``waitForResponse``), then publish the
@@ -160,6 +211,8 @@ class CeleryDispatcher:
             app, self._app = self._app, self._given_app
         if app is not None and app is not self._given_app:
             app.close()
+        if self._broker is not None:
+            self._broker.close()
 
     def endpoint_stats(self) -> dict[str, dict[str, Any]]:
         """Each configured endpoint's shared breaker and counters, as every worker
@@ -232,6 +285,9 @@ class CeleryDispatcher:
 
     def _publish(self, delivery: Delivery, countdown: float | None = None) -> None:
         """Publish *delivery* for the workers, or give it up; it leaves the in-flight ones."""
+        if self._given_app is None:
+            self._push([[delivery]], countdown)
+            return
         key = delivery.order_key
         message = delivery.to_message()
         if countdown is not None and countdown > COUNTDOWN_LIMIT:
@@ -240,11 +296,7 @@ class CeleryDispatcher:
         with self._cond:
             if not delivery.is_pre and key in self._pres:
                 message["after"] = list(self._pres[key])
-            error = "dispatcher closed" if self._closed else None
-            reason = "shutdown"
-            if error is None and time.monotonic() < self._down_until:
-                error = "broker unreachable (a publish failed less than a second ago)"
-                reason = "broker"
+            error, reason = self._refusal()
         if error is None:
             try:
                 self._celery().send_task(
@@ -262,21 +314,116 @@ class CeleryDispatcher:
                 error = f"could not publish to the broker: {describe_error(e, limit=270)}"
                 reason = "broker"
         if error is not None:
-            if delivery.last_error is not None:  # a waitForResponse attempt failed first
-                error = f"{delivery.last_error}; {error}"
-            delivery.last_error = error
-            self._give_up(delivery, reason)
+            self._settle([delivery], error, reason)
             return
+        self._published([delivery])
+
+    def _refusal(self) -> tuple[str | None, str]:
+        """Why not to publish now, if so, and the reason to give up. Holds the lock."""
+        if self._closed:
+            return "dispatcher closed", "shutdown"
+        if time.monotonic() < self._down_until:
+            return "broker unreachable (a publish failed less than a second ago)", "broker"
+        return None, "broker"
+
+    def _push(self, calls: list[list[Delivery]], countdown: float | None = None) -> None:
+        """Write the messages of *calls* (one per call, holding its hooks) to the broker
+        in one round trip, with the pending markers of their pre hooks; then count them
+        published, or give them up."""
+        eta = not_before = None
+        if countdown is not None and countdown > COUNTDOWN_LIMIT:
+            not_before = time.time() + countdown  # longer than a worker may hold it: parked
+        elif countdown is not None:
+            eta = time.time() + countdown
+        with self._cond:  # what needs the lock; the payloads are encoded outside it
+            error, reason = self._refusal()
+            afters = {
+                id(d): list(self._pres[d.order_key])
+                for deliveries in calls
+                for d in deliveries
+                if not d.is_pre and d.order_key in self._pres
+            }
+        markers: list[str] = []
+        sent: list[Delivery] = []
+        messages: list[bytes] = []
+        refused: list[tuple[Delivery, str, str]] = []
+        for deliveries in calls:
+            if error is not None:
+                refused += [(d, error, reason) for d in deliveries]
+                continue
+            bodies, marked = [], []
+            for delivery in deliveries:
+                message = delivery.to_message()
+                if not_before is not None:
+                    message["notBefore"] = not_before
+                if id(delivery) in afters:
+                    message["afterPending"] = afters[id(delivery)]
+                elif delivery.is_pre:  # said either way: absent means an older publisher
+                    message["pendingMark"] = delivery.hook.url in self._followed
+                    if message["pendingMark"]:
+                        marked.append(delivery.id)
+                bodies.append(message)
+            if len(bodies) == 1:
+                kwargs: dict[str, Any] = {"message": bodies[0]}
+                summary = message_summary(bodies[0])
+            else:
+                kwargs, summary = {"messages": bodies}, messages_summary(bodies)
+            try:
+                messages.append(task_message(TASK_NAME, QUEUE, kwargs, summary, eta))
+            except (TypeError, ValueError, RecursionError) as e:  # the payload's fault
+                failure = f"cannot encode the payload: {type(e).__name__}"
+                refused += [(d, failure, "final_answer") for d in deliveries]
+                continue
+            markers += marked
+            sent += deliveries
+        for delivery, why, because in refused:
+            self._settle([delivery], why, because)
+        if not messages:
+            return
+        commands = [
+            pack("SET", PRE_PENDING_KEY.format(m), b"1", "EX", self._pending_ttl) for m in markers
+        ]
+        commands.append(pack("LPUSH", QUEUE, *messages))
+        try:
+            self._wire().execute(commands)
+        except Exception as e:
+            self._down_until = time.monotonic() + BROKER_DOWN_SECONDS
+            self._settle(
+                sent, f"could not publish to the broker: {describe_error(e, limit=270)}", "broker"
+            )
+            return
+        self._published(sent)
+
+    def _wire(self) -> Broker:
         with self._cond:
-            self._counters["published"] += 1
-            if delivery.is_pre:
-                self._pres.setdefault(key, []).append(delivery.id)
-                self._pres.move_to_end(key)
-                if len(self._pres) > self.settings.queue_size:
-                    self._pres.popitem(last=False)
-            self._release(1)
+            if self._broker is None:
+                url = self.settings.broker_url or DEFAULT_BROKER_URL
+                self._broker = Broker(url, PUBLISH_TIMEOUT)
+            return self._broker
+
+    def _settle(self, deliveries: list[Delivery], error: str, reason: str) -> None:
+        """Give up on *deliveries*, which could not be published for *error*."""
+        for delivery in deliveries:
+            if delivery.last_error is not None:  # a waitForResponse attempt failed first
+                delivery.last_error = f"{delivery.last_error}; {error}"
+            else:
+                delivery.last_error = error
+            self._give_up(delivery, reason)
+
+    def _published(self, deliveries: list[Delivery]) -> None:
+        with self._cond:
+            self._counters["published"] += len(deliveries)
+            for delivery in deliveries:
+                if delivery.is_pre:
+                    key = delivery.order_key
+                    self._pres.setdefault(key, []).append(delivery.id)
+                    self._pres.move_to_end(key)
+                    if len(self._pres) > self.settings.queue_size:
+                        self._pres.popitem(last=False)
+            self._release(len(deliveries))
         if self.observers:
-            self.observers.published(endpoint_of(delivery.hook.url))
+            for delivery in deliveries:
+                self.observers.published(endpoint_of(delivery.hook.url))
 
     def _give_up(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter (else count as lost) an accepted delivery, given up for *reason*."""

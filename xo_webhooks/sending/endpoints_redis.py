@@ -135,6 +135,15 @@ class SharedBreakers:
         pipe.expire(_counts_key(origin), TTL)
         pipe.execute()
 
+    def delivered(self, origin: str, count: int) -> None:
+        """*count* hooks were delivered to *origin*, whose breaker is closed without
+        failures (so it does not change): its counters, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(_counts_key(origin), "last_success", time.time())
+        pipe.hincrby(_counts_key(origin), "delivered", count)
+        pipe.expire(_counts_key(origin), TTL)
+        pipe.execute()
+
     def note_waiting(self, origin: str, delivery_id: str) -> None:
         """A hook waits for *origin* to be back (counted once however often it waits)."""
         pipe = self.client.pipeline(transaction=False)
