@@ -8,7 +8,7 @@ import json
 from wsgiref.util import FileWrapper
 
 import pytest
-from werkzeug.test import EnvironBuilder
+from werkzeug.test import Client, EnvironBuilder
 
 from xo_webhooks import ConfigError, WebhookMiddleware
 from xo_webhooks.schema import validate_payload
@@ -472,3 +472,27 @@ def test_the_first_request_starts_the_dispatcher_once():
     plain = WebhookMiddleware(plain_app, hooks=HOOKS, dispatcher=RecordingDispatcher(), environ={})
     environ = EnvironBuilder(method="POST", json=CALL).get_environ()
     assert b"".join(plain(environ, lambda *a: None)) == RESULT
+
+
+class BatchingDispatcher(RecordingDispatcher):
+    """A dispatcher that takes several hooks at once (as the Celery one does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def submit_many(self, deliveries):
+        self.batches.append([d.kind for d in deliveries])
+        self.deliveries += deliveries
+
+
+def test_a_dispatcher_with_submit_many_gets_a_requests_hooks_in_one_go():
+    dispatcher = BatchingDispatcher()
+    hooks = [{"method": "vm.*", "type": "pre/post", "url": "http://127.0.0.1:9/a"},
+             {"method": "vm.start", "type": "pre/post", "url": "http://127.0.0.1:9/b"}]  # fmt: skip
+    middleware = WebhookMiddleware(plain_app, hooks=hooks, dispatcher=dispatcher, environ={})
+    client = Client(middleware)
+    client.post("/", json=[dict(CALL, id=1), dict(CALL, id=2)])
+    assert dispatcher.batches == [["pre"] * 4, ["post"] * 4]
+    client.post("/", json=dict(CALL, method="vm.stop"))  # one hook: submit() as before
+    assert len(dispatcher.batches) == 2 and len(dispatcher.deliveries) == 10

@@ -158,6 +158,7 @@ class WebhookMiddleware:
         self._bad_users: set[str] = set()  # where an unusable user came from, logged once
         self._bad_users_lock = threading.Lock()
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
+        self._submit_many = getattr(self.dispatcher, "submit_many", None)
         self._over_limit = OverLimit(self.settings)
         # The threads that make waitForResponse first attempts side by side, at most
         # max_workers in the process (see .waiting).
@@ -353,14 +354,15 @@ class WebhookMiddleware:
             _TrackedCall(call, hooks, new_id(), user, start_ms, start, trace)
             for call, hooks in matched
         ]
-        waiting = []
+        waiting: list[Delivery] = []
+        queued: list[Delivery] = []
         for entry in tracked:
             pre = pre_payload(entry.call_id, user, entry.call.method, entry.call.params, start_ms)
             for hook in entry.hooks:
-                if hook.pre and hook.wait_for_response:
-                    waiting.append(Delivery(hook, pre, trace=trace))
-                elif hook.pre:
-                    self.dispatcher.submit(Delivery(hook, pre, trace=trace))
+                if hook.pre:
+                    delivery = Delivery(hook, pre, trace=trace)
+                    (waiting if hook.wait_for_response else queued).append(delivery)
+        self._submit(queued)
         if waiting:  # by design, the call waits for these: one timeout at most
             deliver_first_attempts(
                 self.dispatcher, waiting, self._wait_slots, self.settings.timeout
@@ -425,14 +427,24 @@ class WebhookMiddleware:
         """Queue the post hooks of *tracked* calls."""
         end = time.monotonic()
         late_user = self._usable_user(environ.get(USER_ENVIRON_KEY), _LATE_USER)
+        posts = []
         for entry in tracked:
             build = entry.post_builder(end, outcome_of, late_user or entry.user)
-            for hook in entry.hooks:
-                if hook.post:
-                    delivery = Delivery(
-                        hook, build=build, call_id=entry.call_id, kind="post", trace=entry.trace
-                    )
-                    self.dispatcher.submit(delivery)
+            posts += [
+                Delivery(hook, build=build, call_id=entry.call_id, kind="post", trace=entry.trace)
+                for hook in entry.hooks
+                if hook.post
+            ]
+        self._submit(posts)
+
+    def _submit(self, deliveries: list[Delivery]) -> None:
+        """Queue *deliveries*: in one go when the dispatcher can (the Celery one
+        publishes them in one round trip, a message per call), else one by one."""
+        if len(deliveries) > 1 and self._submit_many is not None:
+            self._submit_many(deliveries)
+            return
+        for delivery in deliveries:
+            self.dispatcher.submit(delivery)
 
 
 class _GiveUpCallback:
