@@ -195,6 +195,36 @@ def test_a_broker_that_is_gone_fails_every_hook_of_submit_many_fast(webhook_rece
     assert errors == {"could not publish to the broker": 2, "broker unreachable": 2}
 
 
+def test_submit_many_of_one_hook_goes_as_submit_does(publisher):
+    client = redis.Redis.from_url(publisher.settings.broker_url)
+    (pre,) = deliveries(publisher.settings, "call-1")[2:]  # the pre-only hook
+    publisher.submit_many([pre])
+    ((kwargs),) = queued(client)
+    assert kwargs["message"]["id"] == pre.id  # a one-hook message, as submit() writes it
+    assert_ledger(publisher.stats())
+
+
+def test_submit_many_survives_its_own_failures(publisher, monkeypatch, caplog):
+    # A bug here (redaction, or the push itself) gives the hooks up: never the request.
+    first, second, third = deliveries(publisher.settings, "call-1")
+
+    redact = Delivery.redact
+
+    def broken(self: Delivery, words: Any) -> None:
+        if self is first:
+            raise RuntimeError("a bug")
+        redact(self, words)
+
+    monkeypatch.setattr(Delivery, "redact", broken)
+    publisher.submit_many([first, second])
+    monkeypatch.setattr(publisher, "_push", lambda calls: 1 / 0)
+    publisher.submit_many([third, *deliveries(publisher.settings, "call-2")])
+    stats = publisher.stats()
+    assert (stats["published"], stats["failed"]) == (1, 5)  # call-2 has 3 pre hooks
+    assert_ledger(stats)
+    assert "could not publish a hook" in caplog.text and "could not publish hooks" in caplog.text
+
+
 # -- batches, in this process -----------------------------------------------------------
 
 

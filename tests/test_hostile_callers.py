@@ -318,3 +318,22 @@ def test_wait_for_response_threads_are_bounded_by_max_workers_across_requests(hu
     assert 1 <= most <= 2
     assert middleware.stats()["accepted"] == 40  # every hook attempted or queued
     hung.close()
+
+
+def test_over_limit_records_without_a_store_or_with_a_broken_one_are_logged(tmp_path, caplog):
+    from xo_webhooks.request.jsonrpc import Call
+    from xo_webhooks.request.overlimit import OverLimit
+
+    hook = Hook(method="vm.start", type="pre/post", url="http://127.0.0.1:9/")
+    calls = [(Call("vm.start", {}, n), (hook,)) for n in range(3)]
+    nowhere = OverLimit(load_settings([], {}, max_calls=1))
+    assert len(nowhere.split(calls)) == 1
+    nowhere.close(5)
+    assert nowhere.hooks == 4 and "no dead-letter record was written" in caplog.text
+    dead = tmp_path / "dead.jsonl"
+    broken = OverLimit(load_settings([], {}, max_calls=2, dead_letter=str(dead)))
+    dead.mkdir()  # the store breaks after start
+    broken.split(calls)
+    broken.close(5)
+    assert broken.hooks == 2
+    assert "could not write the record of calls over the limit" in caplog.text

@@ -283,3 +283,22 @@ def test_a_session_factory_is_for_the_thread_dispatcher_only():
     threads = WebhookMiddleware(app, hooks, session_factory=requests.Session, environ={})
     assert type(threads.dispatcher.sender.transport).__name__ == "RequestsTransport"
     threads.close(0)
+
+
+def test_a_failing_session_factory_or_close_never_reaches_the_caller(mocked, caplog):
+    def broken() -> requests.Session:
+        raise RuntimeError("no session today")
+
+    with pytest.raises(ValueError, match="session_factory failed: RuntimeError"):
+        RequestsTransport(5, session_factory=broken).post(URL, b"{}", {})
+    assert "session_factory failed" in caplog.text
+
+    class Unclosable(requests.Session):
+        def close(self) -> None:
+            raise RuntimeError("cannot close")
+
+    transport = RequestsTransport(5, session_factory=Unclosable)
+    mocked.add(responses.POST, URL, status=204)
+    transport.post(URL, b"{}", {})
+    transport.release()  # logged, not raised
+    assert "closing a requests session failed" in caplog.text
