@@ -146,3 +146,15 @@ def test_replay_sends_a_masked_record_to_the_hook_with_its_fingerprint(
     (sent,) = webhook_receiver.attempts
     assert sent.path.endswith("/in?sig=S3CR3T")
     assert [r["id"] for r in read_records(path)] == ["msg_2"]
+
+
+def test_replay_of_an_unreadable_target_fails_in_one_line(tmp_path, capsys):
+    from .helpers import free_port
+
+    folder = tmp_path / "dead.jsonl"
+    folder.mkdir()  # a folder where the file should be
+    assert main(["replay", str(folder)]) == 1
+    assert "cannot replay" in capsys.readouterr().err
+    pytest.importorskip("redis")
+    assert main(["replay", f"redis://127.0.0.1:{free_port()}/0"]) == 1  # nothing listens
+    assert "cannot replay redis://127.0.0.1:" in capsys.readouterr().err

@@ -476,3 +476,28 @@ def test_a_response_read_then_closed_reports_once_and_logs_nothing(caplog):
     response.close()
     assert [p["result"] for p in dispatcher.payloads("post")] == ["ok"]
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class Trickle(io.RawIOBase):
+    """A server's input that hands out at most 3 bytes a read, as a socket may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk, self.data = self.data[: min(size, 3)], self.data[min(size, 3) :]
+        return chunk
+
+
+def test_read_body_reads_the_rest_of_a_short_read_and_tells_an_early_end():
+    body = json.dumps(CALL).encode()
+    environ = {"wsgi.input": Trickle(body), "CONTENT_LENGTH": str(len(body))}
+    assert read_body(environ, 1 << 20) == body
+    assert environ["wsgi.input"].read() == body and environ["CONTENT_LENGTH"] == str(len(body))
+    # The client went away after 10 bytes: the app sees those, and a length that says so.
+    environ = {"wsgi.input": io.BytesIO(body[:10]), "CONTENT_LENGTH": str(len(body))}
+    assert read_body(environ, 1 << 20) == body[:10]
+    assert environ["CONTENT_LENGTH"] == "10"

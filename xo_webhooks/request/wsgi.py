@@ -35,11 +35,7 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
         if expected < 0 or expected > limit:
             return None
         if expected <= CHUNK:  # the common case, in one read (the request path's cost)
-            try:
-                body = stream.read(expected)
-            except Exception:
-                environ["wsgi.input"] = _PrefixedInput.wrap(b"", stream)
-                raise
+            body = stream.read(expected)  # if it raises, the app still has the stream
             if len(body) < expected and body:  # a server that hands out less: the rest
                 body += _read_or_restore(environ, stream, expected - len(body), body)
         else:
