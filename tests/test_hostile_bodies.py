@@ -35,6 +35,14 @@ def deep_stand_in(params: Any) -> bool:
     return TOO_DEEP in json.dumps(params)
 
 
+def _as_python_reads(text: str) -> Any:
+    try:
+        json.loads(text)
+    except RecursionError:
+        return None
+    return deep_stand_in
+
+
 BODIES = [
     pytest.param(CALL.encode(), {"id": "vm-1"}, id="utf-8"),
     pytest.param(b"\xef\xbb\xbf" + CALL.encode(), {"id": "vm-1"}, id="utf-8-bom"),
@@ -57,7 +65,9 @@ BODIES = [
         id="lone-surrogate-key",
     ),  # fmt: skip
     pytest.param(nested(500).encode(), deep_stand_in, id="nested-500"),
-    pytest.param(nested(1000).encode(), None, id="nested-1000"),  # no parser reads it
+    # Python 3.11's json stops at about 1,000 levels (then no call runs, and no hook
+    # goes); 3.12's reads it: the app runs the call, and its hooks get the stand-in.
+    pytest.param(nested(1000).encode(), _as_python_reads(nested(1000)), id="nested-1000"),
     pytest.param(
         CALL.replace('"method"', '"method": "vm.list", "method"').encode(),
         {"id": "vm-1"},
