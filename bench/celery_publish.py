@@ -10,7 +10,7 @@ pre payload, in interleaved rounds:
 - celery: ``CeleryDispatcher.submit`` redacts and publishes to a ``redis-server``
   started here on 127.0.0.1 (the loopback round trip is part of the cost); no worker
   runs, the queue is emptied between rounds;
-- celery, today's code path: the same dispatcher given a Celery app, which it publishes
+- celery, the code path before #18: the same dispatcher given a Celery app, which it publishes
   with through ``send_task`` (kombu's producer, as every earlier version did);
 - celery, ``submit_many``: the pre hooks of a call to two URLs in one message, per hook.
 
@@ -202,9 +202,9 @@ def run(rounds: int = 7, per_round: int = 2000) -> list[Row]:
                 Spread.of(costs["thread"]), unit="us", detail=detail),
             Row("C2", "celery dispatcher: submit() per hook (publish to Redis)",
                 Spread.of(costs["celery"]), unit="us", target=PUBLISH_TARGET, detail=detail),
-            Row("C2", "  today's code path: submit() through send_task (kombu)",
+            Row("C2", "  before #18: submit() through send_task (kombu)",
                 Spread.of(costs["today"]), unit="us", detail=detail),
-            Row("C2", "  celery submit() / today's code path", gain, detail=detail),
+            Row("C2", "  celery submit() / before #18", gain, detail=detail),
             Row("C2", "celery submit_many(), a call's 2 pre hooks in 1 message: per hook",
                 Spread.of(costs["many"]), unit="us", target=PUBLISH_TARGET, detail=detail),
             Row("C2", "  the floor: a bare LPUSH round trip to Redis on a kept connection",

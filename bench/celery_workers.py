@@ -10,10 +10,11 @@ publish until the workers have counted every one delivered (the endpoint's share
 ``delivered`` counter in Redis). Per round: hooks/s; CPU seconds of the worker
 processes (main and pool processes, from ``/proc``) and of ``redis-server`` per hook;
 Redis commands per hook (``INFO commandstats`` before and after, less this script's own
-polling). Unless ``--no-old`` (or without git), the same for the code of ``HEAD``
-(``git archive``, published through Celery's ``send_task`` as it did), a baseline
-measured in the same run. The thread dispatcher delivers the same number of hooks
-from this process after each round of one worker.
+polling). Unless ``--no-old`` (or without git), the same for the code before the
+batches of issue #18 (:data:`BASELINE`, from ``git archive``, published through
+Celery's ``send_task`` as it did), a baseline measured in the same run. The thread
+dispatcher delivers the same number of hooks from this process after each round of one
+worker.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Workers:
                 process.wait(5)
 
 
+#: The last commit before the batches of issue #18: the baseline of rows C7-C8 (``HEAD``
+#: was the baseline while the change was not committed; it is the change now).
+BASELINE = "8ad8d0e"
+
+
 def commands(client: Any) -> dict[str, int]:
     """Calls per command since the server started."""
     return {k[8:]: v["calls"] for k, v in client.info("commandstats").items()}
@@ -124,10 +130,11 @@ def commands(client: Any) -> dict[str, int]:
 
 @contextlib.contextmanager
 def old_source() -> Iterator[Path | None]:
-    """The package as committed (``git archive HEAD``), or ``None`` without git."""
-    with tempfile.TemporaryDirectory(prefix="xo-bench-head-") as tmp:
+    """The package before issue #18 (``git archive`` of :data:`BASELINE`), or ``None``
+    without git (or that commit)."""
+    with tempfile.TemporaryDirectory(prefix="xo-bench-baseline-") as tmp:
         archive = subprocess.run(
-            ["git", "archive", "HEAD", "xo_webhooks"], cwd=REPO, capture_output=True
+            ["git", "archive", BASELINE, "xo_webhooks"], cwd=REPO, capture_output=True
         )
         if archive.returncode != 0:
             yield None
@@ -244,7 +251,7 @@ def run(rounds: int = 5, hooks: int = 4000, old: bool = True, receiver: str = "a
 
     for key in results:
         name, count, concurrency = key.split()
-        label = "today's code (HEAD)" if name == "old" else "celery"
+        label = f"before #18 ({BASELINE})" if name == "old" else "celery"
         suffix = f"{count} worker{'s' if count == '2' else ''} (--concurrency {concurrency})"
         target = ">= 3000" if key in ("new 1 2", "new 1 1") else None
         detail = {"by_command_last_round": results[key][-1]["by_command"]}
@@ -267,7 +274,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hooks", type=int, default=4000, help="hooks per round")
-    parser.add_argument("--no-old", action="store_true", help="skip today's code (HEAD)")
+    parser.add_argument(
+        "--no-old", action="store_true", help=f"skip the code before #18 ({BASELINE})"
+    )
     parser.add_argument("--receiver", choices=("auto", "nginx", "python"), default="auto")
     args = parser.parse_args(argv)
     print(render_table(run(args.rounds, args.hooks, not args.no_old, args.receiver)))
