@@ -525,3 +525,8 @@ def test_calls_with_several_hooks_through_two_workers_leave_no_ordering_keys(
     assert client.keys(PRE_PENDING_KEY.format("*")) == []
     assert client.keys(PRE_DONE_KEY.format("*")) == [PRE_DONE_KEY.format(pre.id).encode()]
     assert "Traceback" not in workers.log_text()
+
+
+def test_a_summary_that_needs_escaping_is_written_as_json():
+    raw = task_message("t", "q", {"message": {}}, 'a "quoted" summary')
+    assert json.loads(raw)["headers"]["kwargsrepr"] == 'a "quoted" summary'

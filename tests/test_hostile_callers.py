@@ -337,3 +337,9 @@ def test_over_limit_records_without_a_store_or_with_a_broken_one_are_logged(tmp_
     broken.close(5)
     assert broken.hooks == 2
     assert "could not write the record of calls over the limit" in caplog.text
+
+
+def test_a_dead_letter_folder_that_cannot_be_written_fails_at_start():
+    # /proc takes no new file, even from root: the temporary file check says why.
+    with pytest.raises(ConfigError, match="cannot write dead letters there: cannot write in /proc"):
+        load_settings([], {"XO_WEBHOOKS_DEAD_LETTER": "/proc/xo-webhooks/dead.jsonl"})

@@ -292,3 +292,11 @@ def test_stand_ins_for_what_strict_json_cannot_hold() -> None:
     assert cleaned.payload["userId"] == "u\ufffd" and cleaned.payload["result"] == "NaN"
     assert cleaned.replaced == 9
     assert math.isinf(params["inf"])  # the input is not modified
+
+
+def test_keys_that_are_not_strings_are_kept_when_json_takes_them():
+    # From middleware.call(): json.dumps takes str, int, float, bool and None keys.
+    value = {1: "a", 2.5: "b", None: "c", True: "d", math.inf: "e", (1, 2): "f"}
+    cleaned = redact(value, DEFAULT_REDACT)
+    assert cleaned == {1: "d", 2.5: "b", None: "c", "inf": "e", "(1, 2)": "f"}
+    json.dumps(cleaned, allow_nan=False)
