@@ -296,7 +296,7 @@ def test_stand_ins_for_what_strict_json_cannot_hold() -> None:
 
 def test_keys_that_are_not_strings_are_kept_when_json_takes_them():
     # From middleware.call(): json.dumps takes str, int, float, bool and None keys.
-    value = {1: "a", 2.5: "b", None: "c", True: "d", math.inf: "e", (1, 2): "f"}
+    value = {1: "a", 2.5: "b", None: "c", False: "d", math.inf: "e", (1, 2): "f"}
     cleaned = redact(value, DEFAULT_REDACT)
-    assert cleaned == {1: "d", 2.5: "b", None: "c", "inf": "e", "(1, 2)": "f"}
+    assert cleaned == {1: "a", 2.5: "b", None: "c", False: "d", "inf": "e", "(1, 2)": "f"}
     json.dumps(cleaned, allow_nan=False)
