@@ -83,6 +83,8 @@ def make_worker(redis_server, webhook_receiver, tmp_path) -> Iterator[Any]:
     for worker in made:
         if worker._markers is not None:
             worker._markers.close()
+        if worker._batches is not None:
+            worker._batches.close()  # its sending threads, which outlive the test otherwise
 
 
 def message(worker: Worker, kind: str, **extra: Any) -> dict[str, Any]:

@@ -98,7 +98,6 @@ class Batches:
     """
 
     def __init__(self, worker: Worker) -> None:
-
         self.worker = worker
         self.pid = os.getpid()
         self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="xo-webhooks-send")
@@ -106,6 +105,11 @@ class Batches:
         rounds = max(1, int(BATCH_SECONDS // max(worker.settings.timeout, 0.001)))
         #: Most hooks per task, so that a batch of timeouts fits in BATCH_SECONDS.
         self.limit = min(BATCH, THREADS * rounds)
+
+    def close(self) -> None:
+        """Stop the sending threads, once what they have is sent (a worker's own end
+        stops them anyway: this is for a process that goes on, e.g. a test)."""
+        self.pool.shutdown(wait=True)
 
     def run(self, task: Task, messages: list[dict[str, Any]]) -> str:
         """Deliver *messages* and those of more messages taken from the queue; say what
