@@ -564,7 +564,9 @@ def test_worker_killed_mid_run_then_restarted_redelivers_within_two_minutes(
     app = wrapped(hooks, broker.url)
     client = app.test_client()
     webhook_receiver.respond_with(204, delay=0.3)  # deliveries in flight when killed
-    calls = 40
+    # Enough that the killed worker holds messages it has not sent yet (a task takes up
+    # to 64 hooks and sends 16 at a time): only a redelivery brings those.
+    calls = 200
     for n in range(calls):
         call(client, n)
 
