@@ -185,3 +185,17 @@ class HungReceiver:
             connection.close()
         for sock in (self._listener, self._wake, self._waker):
             sock.close()
+
+
+@contextlib.contextmanager
+def small_disk_at(folder: Any, size: str) -> Any:
+    """Mount a tmpfs of *size* (``"1m"``) at the new folder *folder*, unmounted on exit;
+    the test is skipped where mounting is not allowed (it needs root)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

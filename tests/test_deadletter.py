@@ -48,7 +48,7 @@ from xo_webhooks.sending.delivery import Delivery
 from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.policy import DeadLetters, open_dead_letter
 
-from .helpers import POST, PRE, RedisServer, skip_without_redis
+from .helpers import POST, PRE, RedisServer, skip_without_redis, small_disk_at
 from .waiting import wait_until
 
 try:  # the celery extra: only the Redis tests need it
@@ -199,17 +199,9 @@ def test_a_failed_fsync_takes_the_records_back(path, monkeypatch):
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A folder on a tmpfs of 1 MiB of its own, unmounted at teardown; skipped where
-    mounting is not allowed (it needs root). As in test_spool."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:  # fmt: skip
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A folder on a tmpfs of 1 MiB of its own (see helpers.small_disk_at)."""
+    with small_disk_at(tmp_path / "disk", "1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(folder: Path) -> Path:

@@ -65,7 +65,7 @@ from xo_webhooks.sending.endpoints import Breaker, endpoint_of
 from xo_webhooks.sending.spool import LEASE, EndpointSummary, Row, Spool, owner_token
 from xo_webhooks.testing import ReceivedHook, WebhookReceiver
 
-from .helpers import POST, PRE, assert_ledger, free_port
+from .helpers import POST, PRE, assert_ledger, free_port, small_disk_at
 from .waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leaked_threads")
@@ -1068,17 +1068,9 @@ def test_pre_hooks_waiting_for_an_endpoint_that_is_down_cost_no_memory_once_post
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A folder on a tmpfs of 2 MiB of its own, unmounted at teardown; skipped where
-    mounting is not allowed (it needs root)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:  # fmt: skip
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A folder on a tmpfs of 2 MiB of its own (see helpers.small_disk_at)."""
+    with small_disk_at(tmp_path / "disk", "2m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(folder: Path) -> Path:
