@@ -501,3 +501,21 @@ def test_read_body_reads_the_rest_of_a_short_read_and_tells_an_early_end():
     environ = {"wsgi.input": io.BytesIO(body[:10]), "CONTENT_LENGTH": str(len(body))}
     assert read_body(environ, 1 << 20) == body[:10]
     assert environ["CONTENT_LENGTH"] == "10"
+
+
+def test_a_response_stopped_early_is_no_failure_and_next_works_without_iter():
+    # The observed response is a generator underneath: the server giving up on it
+    # (GeneratorExit) is not the app's failure, and next() on the response itself works.
+    dispatcher = RecordingDispatcher()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return iter([b'{"jsonrpc": "2.0", ', b'"id": 1, "result": 2}'])
+
+    middleware = WebhookMiddleware(app, HOOKS, dispatcher=dispatcher, environ={})
+    builder = EnvironBuilder(method="POST", data=json.dumps(CALL), content_type="application/json")
+    response = middleware(builder.get_environ(), lambda status, headers, exc_info=None: None)
+    assert next(response) == b'{"jsonrpc": "2.0", '  # type: ignore[call-overload]
+    response.close()  # type: ignore[attr-defined]  # drops the suspended generator
+    (post,) = dispatcher.payloads("post")
+    assert post["error"]["message"] == "the response is not a JSON-RPC response"

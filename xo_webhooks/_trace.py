@@ -7,18 +7,20 @@ attempt is a client span under it whose own context goes out in the headers. Wit
 it, the incoming request's ``traceparent`` and ``tracestate`` headers are forwarded as
 they are. OpenTelemetry is imported on first use, and only if it is installed.
 
-Shared by the request path (:func:`capture`) and sending (:func:`attempt_span`).
+Shared by the request path (:func:`capture`, or :func:`snapshot` then :func:`captured`
+off the request thread) and sending (:func:`attempt_span`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["capture", "attempt_span", "AttemptSpan", "HEADERS"]
+__all__ = ["capture", "snapshot", "captured", "attempt_span", "AttemptSpan", "HEADERS"]
 
 #: The W3C Trace Context headers carried with a hook.
 HEADERS = ("traceparent", "tracestate")
@@ -45,22 +47,50 @@ def capture(environ: Mapping[str, Any] | None = None) -> dict[str, str] | None:
     """The trace context to carry with the hooks queued now: the active OpenTelemetry
     span's, else the ``traceparent``/``tracestate`` of the request in *environ*;
     ``None`` when there is neither."""
+    found = _active_span()
+    if found is not None or environ is None:
+        return found
+    return _forwarded(environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE"))
+
+
+#: What :func:`capture` reads, taken now for :func:`captured` to read on another thread.
+Snapshot = tuple[contextvars.Context | None, Any, Any]
+
+
+def snapshot(environ: Mapping[str, Any]) -> Snapshot:
+    """What :func:`capture` would read in *environ* now, for :func:`captured` to turn
+    into the trace context later, on another thread: a copy of the running code's
+    context, where OpenTelemetry keeps the active span (as cheap as a reference: it is
+    immutable), and the request's trace headers."""
+    context = contextvars.copy_context() if _opentelemetry() is not None else None
+    return context, environ.get("HTTP_TRACEPARENT"), environ.get("HTTP_TRACESTATE")
+
+
+def captured(taken: Snapshot) -> dict[str, str] | None:
+    """The trace context :func:`capture` would have returned when *taken* was."""
+    context, parent, state = taken
+    found = None if context is None else context.run(_active_span)
+    return found if found is not None else _forwarded(parent, state)
+
+
+def _active_span() -> dict[str, str] | None:
+    """The active OpenTelemetry span's context as headers, if there is one."""
     otel = _opentelemetry()
-    if otel is not None:
-        trace, propagate = otel
-        if trace.get_current_span().get_span_context().is_valid:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            found = {name: carrier[name] for name in HEADERS if name in carrier}
-            if found:
-                return found
-    if environ is None:
+    if otel is None:
         return None
-    parent = environ.get("HTTP_TRACEPARENT")
+    trace, propagate = otel
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {name: carrier[name] for name in HEADERS if name in carrier} or None
+
+
+def _forwarded(parent: Any, state: Any) -> dict[str, str] | None:
+    """A request's own ``traceparent`` (and ``tracestate``), when it has one."""
     if not isinstance(parent, str) or not parent:
         return None
     context = {"traceparent": parent}
-    state = environ.get("HTTP_TRACESTATE")
     if isinstance(state, str) and state:
         context["tracestate"] = state
     return context

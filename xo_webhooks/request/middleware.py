@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._text import describe_error
+from .._trace import Snapshot, captured, snapshot
 from .._trace import capture as capture_trace
 from ..config import Hook, Settings, load_settings
 from ..errors import ConfigError
@@ -51,6 +52,9 @@ NO_USER: User = (None, None)
 _LATE_USER = f'environ["{USER_ENVIRON_KEY}"]'  # where the app sets a late user, for the log
 # How a request's method names stand in its bytes when it has no JSON escapes.
 _METHOD_MEMBER = re.compile(rb'"method"\s*:\s*"([^"\\]*)"')
+# What the hooks of a request's calls ask of the request path (WebhookMiddleware._scan):
+# pre hooks, post hooks, a pre hook that waits for its answer, or parsing to tell.
+_PRE, _POST, _WAITS, _PARSE = 1, 2, 4, 8
 
 
 def remote_user(environ: WSGIEnvironment) -> User | None:
@@ -87,6 +91,53 @@ class _TrackedCall:
             return built[0]
 
         return build
+
+
+class _DeferredRequest:
+    """A request that may hold hooked calls, its hooks built on the dispatcher's intake
+    thread: what only the request thread could note (the user, the trace, the time)."""
+
+    __slots__ = ("middleware", "environ", "body", "user", "trace", "start_ms", "start",
+                 "tracked", "capture", "end", "late_user")  # fmt: skip
+
+    def __init__(
+        self,
+        middleware: WebhookMiddleware,
+        environ: WSGIEnvironment,
+        body: bytes,
+        user: Any,
+        trace: Snapshot,
+    ) -> None:
+        self.middleware = middleware
+        self.environ = environ  # for the user the app may set (USER_ENVIRON_KEY)
+        self.body = body
+        self.user = user  # as the user_resolver gave it: checked off the request thread
+        self.trace = trace  # read off the request thread too (see _trace.snapshot)
+        self.start_ms, self.start = int(time.time() * 1000), time.monotonic()
+        self.tracked: list[_TrackedCall] | None = None
+        # Set by finish(), before send_post() runs:
+        self.capture: Capture
+        self.end: float
+        self.late_user: Any
+
+    def send_pre(self) -> None:
+        """Parse the body, track its hooked calls and queue their pre hooks."""
+        self.tracked = self.middleware._track(self)
+
+    def finish(self, capture: Capture) -> None:
+        """The app answered (on the request thread): have the post hooks queued."""
+        self.capture, self.end = capture, time.monotonic()
+        try:
+            self.late_user = self.environ.get(USER_ENVIRON_KEY)
+            self.middleware._defer(self.send_post, 0)  # type: ignore[misc]
+        except Exception:  # the app's answer, or its exception, must reach the server
+            logger.exception("xo-webhooks could not send the post hooks of a call")
+
+    def send_post(self) -> None:
+        """Queue the post hooks (parsing the body first if no pre hook did)."""
+        tracked = self.tracked if self.tracked is not None else self.middleware._track(self)
+        if tracked:
+            self.middleware._queue_posts(tracked, self.capture, self.late_user, self.end)
 
 
 class WebhookMiddleware:
@@ -151,14 +202,19 @@ class WebhookMiddleware:
                 "Celery workers (or a dispatcher of your own) cannot take a callable"
             )
         self.table = HookTable(self.settings.hooks)
-        self._has_hook = functools.lru_cache(maxsize=4096)(self._name_has_hook)
+        self._needs_of = functools.lru_cache(maxsize=4096)(self._name_needs)
         self._enabled = bool(self.table)
+        self._max_body = self.settings.max_body
         self._paths = self.settings.paths or ("",)  # "" starts every path
         self.user_resolver = user_resolver or remote_user
         self._bad_users: set[str] = set()  # where an unusable user came from, logged once
         self._bad_users_lock = threading.Lock()
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
         self._submit_many = getattr(self.dispatcher, "submit_many", None)
+        # The thread dispatcher builds a request's hooks off the request thread.
+        self._defer: Callable[[Callable[[], object], int], None] | None = getattr(
+            self.dispatcher, "defer", None
+        )
         self._over_limit = OverLimit(self.settings)
         # The threads that make waitForResponse first attempts side by side, at most
         # max_workers in the process (see .waiting).
@@ -186,14 +242,19 @@ class WebhookMiddleware:
             or not environ.get("PATH_INFO", "").startswith(self._paths)
         ):
             return self.app(environ, start_response)
+        body = None
         try:
-            tracked = self._track(environ)
+            body = read_body(environ, self._max_body)
+            needs = self._scan(body) if body else 0
         except Exception:  # the middleware's own failure never reaches the client
             logger.exception("xo-webhooks could not inspect a request; passing it through")
-            tracked = []
-        if not tracked:
+            needs = 0
+        if not needs:
             return self.app(environ, start_response)
-        return self._observe(environ, start_response, tracked)
+        assert body is not None
+        if needs & (_WAITS | _PARSE) or self._defer is None:
+            return self._track_now(environ, start_response, body)
+        return self._track_later(environ, start_response, body, needs)
 
     # -- public helpers -----------------------------------------------------------------
 
@@ -272,12 +333,15 @@ class WebhookMiddleware:
         record = CallResult()
         # Copies: the payloads are serialised later, on another thread.
         entry = Call(method, _copy(_call_params(params), "params", {}))
-        tracked = self._start(self._matched([entry]), user or NO_USER, capture_trace())
+        tracked = self._start(
+            self._matched([entry]), user or NO_USER, capture_trace(),
+            int(time.time() * 1000), time.monotonic(),
+        )  # fmt: skip
         try:
             yield record
         except Exception as e:
             failure = internal_error(describe_error(e, limit=500))
-            self._finish(tracked, lambda _: failure, {})
+            self._finish(tracked, lambda _: failure, None, time.monotonic())
             raise
         result = _copy(record.result, "result", _UNCOPIED)
         outcome = (
@@ -285,24 +349,73 @@ class WebhookMiddleware:
             if result is _UNCOPIED
             else Outcome(result=result)
         )
-        self._finish(tracked, lambda _: outcome, {})
+        self._finish(tracked, lambda _: outcome, None, time.monotonic())
 
     # -- the request path ---------------------------------------------------------------
 
-    def _track(self, environ: WSGIEnvironment) -> list[_TrackedCall]:
-        body = read_body(environ, self.settings.max_body)
-        if not body or not self._may_match(body):
-            return []
+    def _track_now(
+        self, environ: WSGIEnvironment, start_response: StartResponse, body: bytes
+    ) -> Iterable[bytes]:
+        """Parse *body* and queue its pre hooks on this thread: for a ``waitForResponse``
+        hook, a body the scan cannot read, or a dispatcher that cannot defer."""
+        try:
+            matched = self._over_limit.split(self._matched(parse_calls(body) or []))
+            tracked = self._start(
+                matched, self._user(self._resolve_user(environ), "the user_resolver"),
+                capture_trace(environ), int(time.time() * 1000), time.monotonic(),
+            ) if matched else []  # fmt: skip
+        except Exception:  # the middleware's own failure never reaches the client
+            logger.exception("xo-webhooks could not inspect a request; passing it through")
+            tracked = []
+        if not tracked:
+            return self.app(environ, start_response)
+        if not any(h.post for entry in tracked for h in entry.hooks):
+            return self.app(environ, start_response)
+        return self._observe(
+            environ, start_response, functools.partial(self._finish_request, tracked, environ)
+        )
+
+    def _track_later(
+        self, environ: WSGIEnvironment, start_response: StartResponse, body: bytes, needs: int
+    ) -> Iterable[bytes]:
+        """Leave the parsing of *body*, and the building of its hooks, to the
+        dispatcher's intake thread (see ``ThreadDispatcher.defer``): this thread only
+        notes what must be read here (the user, the trace, the time)."""
+        try:
+            request = _DeferredRequest(
+                self, environ, body, self._resolve_user(environ), snapshot(environ)
+            )
+            if needs & _PRE:
+                self._defer(request.send_pre, len(body))  # type: ignore[misc]
+        except Exception:  # the middleware's own failure never reaches the client
+            logger.exception("xo-webhooks could not inspect a request; passing it through")
+            return self.app(environ, start_response)
+        if not needs & _POST:
+            return self.app(environ, start_response)
+        return self._observe(environ, start_response, request.finish)
+
+    def _track(self, request: _DeferredRequest) -> list[_TrackedCall]:
+        """Parse a deferred request's body, match its calls and queue their pre hooks
+        (on the intake thread)."""
+        body, request.body = request.body, b""
         matched = self._over_limit.split(self._matched(parse_calls(body) or []))
         if not matched:
             return []
+        user = self._user(request.user, "the user_resolver")
+        trace = captured(request.trace)
+        return self._start(matched, user, trace, request.start_ms, request.start)
+
+    def _resolve_user(self, environ: WSGIEnvironment) -> Any:
+        """What the ``user_resolver`` says of *environ*, not yet checked."""
         try:
-            resolved = self.user_resolver(environ)
+            return self.user_resolver(environ)
         except Exception:
             logger.exception("the xo-webhooks user_resolver failed; sending no user")
-            resolved = None
-        user = self._usable_user(resolved, "the user_resolver") or NO_USER
-        return self._start(matched, user, capture_trace(environ))
+            return None
+
+    def _user(self, value: Any, source: str) -> User:
+        """*value* as a usable user, or no user (see :meth:`_usable_user`)."""
+        return self._usable_user(value, source) or NO_USER
 
     def _usable_user(self, value: Any, source: str) -> User | None:
         """*value* as ``(user_id, user_name)`` (see :func:`_user_of`); ``None``, logged
@@ -322,34 +435,47 @@ class WebhookMiddleware:
         """The calls that trigger hooks, each with its hooks."""
         return [(call, hooks) for call in calls if (hooks := self.table.match(call.method))]
 
-    def _may_match(self, body: bytes) -> bool:
-        """Whether *body* can hold a call that triggers a hook, told without parsing it.
+    def _scan(self, body: bytes) -> int:
+        """What the hooks of the calls *body* may hold ask of the request path (``_PRE``,
+        ``_POST``, ``_WAITS`` bits; ``_PARSE`` when only parsing can tell; 0 when no
+        call can have a hook), told without parsing it.
 
         In UTF-8 (with or without a BOM) and without a backslash (a JSON escape), every
         method name of a request stands in the bytes as ``"method": "<name>"``, which
         one linear regex pass lists (never a pattern built from the hooks' globs: those
-        could backtrack on a hostile body); if none of those names has a hook, no call
-        has. UTF-16 and UTF-32, which Python's ``json`` reads too, put a zero byte in the
-        first four (JSON text starts with an ASCII character): those bodies are parsed.
+        could backtrack on a hostile body); the hooks of those names are a superset of
+        the calls' hooks. UTF-16 and UTF-32, which Python's ``json`` reads too, put a
+        zero byte in the first four (JSON text starts with an ASCII character): those
+        bodies are parsed.
         """
         if b"\\" in body or b"\0" in body[:4]:
-            return True
-        return any(map(self._has_hook, _METHOD_MEMBER.findall(body)))
+            return _PARSE
+        needs = 0
+        for name in _METHOD_MEMBER.findall(body):
+            needs |= self._needs_of(name)
+        return needs
 
-    def _name_has_hook(self, name: bytes) -> bool:
+    def _name_needs(self, name: bytes) -> int:
         try:
-            return bool(self.table.match(name.decode("utf-8")))
+            hooks = self.table.match(name.decode("utf-8"))
         except UnicodeDecodeError:
-            return True  # let the JSON parser judge
+            return _PARSE  # let the JSON parser judge
+        needs = 0
+        for hook in hooks:
+            needs |= (_PRE if hook.pre else 0) | (_POST if hook.post else 0)
+            needs |= _WAITS if hook.pre and hook.wait_for_response else 0
+        return needs
 
     def _start(
         self,
         matched: list[tuple[Call, tuple[Hook, ...]]],
         user: User,
         trace: dict[str, str] | None,
+        start_ms: int,
+        start: float,
     ) -> list[_TrackedCall]:
-        """Track the calls that trigger hooks and send their pre hooks."""
-        start_ms, start = int(time.time() * 1000), time.monotonic()
+        """Track the calls that trigger hooks, called at *start_ms* (epoch ms; *start*
+        on the monotonic clock), and send their pre hooks."""
         tracked = [
             _TrackedCall(call, hooks, new_id(), user, start_ms, start, trace)
             for call, hooks in matched
@@ -370,47 +496,50 @@ class WebhookMiddleware:
         return tracked
 
     def _observe(
-        self, environ: WSGIEnvironment, start_response: StartResponse, tracked: list[_TrackedCall]
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        finish: Callable[[Capture], None],
     ) -> Iterable[bytes]:
-        if not any(h.post for entry in tracked for h in entry.hooks):
-            return self.app(environ, start_response)
-        capture = Capture(self.settings.max_body)
+        """Call the app, keeping a copy of its answer; *finish* is told it once, when
+        it is complete (on the request thread), and must not raise."""
+        response = ObservedResponse(self._max_body, start_response, finish)
         try:
-            app_iter = self.app(environ, capture.start_response(start_response))
+            app_iter = self.app(environ, response.start_response)
         except Exception as e:
-            capture.fail(e)
-            self._finish_request(tracked, capture, environ)
+            response.fail(e)
+            response.report()
             raise
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
             # A file is streamed by the server itself; never buffer it.
-            capture.overflow = True
-            self._finish_request(tracked, capture, environ)
+            response.overflow = True
+            response.report()
             return app_iter
-        if isinstance(app_iter, (list, tuple)) and capture.status is not None:
+        if isinstance(app_iter, (list, tuple)) and response.status is not None:
             # Already in memory: observed at once, and handed on as it is, so that the
             # server still sees a one-item list and can set Content-Length.
             for chunk in app_iter:
-                capture.add(chunk)
-            self._finish_request(tracked, capture, environ)
+                response.add(chunk)
+            response.report()
             return app_iter
-        return ObservedResponse(
-            app_iter, capture, lambda: self._finish_request(tracked, capture, environ)
-        )
+        return response.wrap(app_iter)
 
     def _finish_request(
-        self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
+        self, tracked: list[_TrackedCall], environ: WSGIEnvironment, capture: Capture
     ) -> None:
         """Queue the post hooks; never raises (the app's answer, or its exception, must
         reach the server unchanged)."""
         try:
-            self._queue_posts(tracked, capture, environ)
+            self._queue_posts(tracked, capture, environ.get(USER_ENVIRON_KEY), time.monotonic())
         except Exception:
             logger.exception("xo-webhooks could not send the post hooks of a call")
 
     def _queue_posts(
-        self, tracked: list[_TrackedCall], capture: Capture, environ: WSGIEnvironment
+        self, tracked: list[_TrackedCall], capture: Capture, late_user: Any, end: float
     ) -> None:
+        """Queue the post hooks of *tracked* calls, which ended at *end* (monotonic)
+        with what *capture* holds; *late_user* is what the app set in the environ."""
         # The response is parsed, and the post payloads built, by a delivery thread.
         outcomes: dict[str, Outcome] = {}
 
@@ -419,17 +548,16 @@ class WebhookMiddleware:
                 outcomes.update(_outcomes(tracked, capture))
             return outcomes[entry.call_id]
 
-        self._finish(tracked, outcome_of, environ)
+        self._finish(tracked, outcome_of, late_user, end)
 
     def _finish(
-        self, tracked: list[_TrackedCall], outcome_of: OutcomeOf, environ: Mapping[str, Any]
+        self, tracked: list[_TrackedCall], outcome_of: OutcomeOf, late_user: Any, end: float
     ) -> None:
-        """Queue the post hooks of *tracked* calls."""
-        end = time.monotonic()
-        late_user = self._usable_user(environ.get(USER_ENVIRON_KEY), _LATE_USER)
+        """Queue the post hooks of *tracked* calls (see :meth:`_queue_posts`)."""
+        user = self._usable_user(late_user, _LATE_USER)
         posts = []
         for entry in tracked:
-            build = entry.post_builder(end, outcome_of, late_user or entry.user)
+            build = entry.post_builder(end, outcome_of, user or entry.user)
             posts += [
                 Delivery(hook, build=build, call_id=entry.call_id, kind="post", trace=entry.trace)
                 for hook in entry.hooks

@@ -100,6 +100,8 @@ class Capture:
     :param limit: the most body bytes kept; past it ``overflow`` is set.
     """
 
+    __slots__ = ("limit", "status", "error", "overflow", "_chunks", "_size")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status: str | None = None
@@ -107,25 +109,6 @@ class Capture:
         self.overflow = False
         self._chunks: list[bytes] = []
         self._size = 0
-
-    def start_response(self, start_response: StartResponse) -> StartResponse:
-        """Wrap the server's ``start_response``: record the status, pass ``exc_info``
-        on, and return a ``write()`` that still writes, keeping a copy."""
-
-        def observed_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            self.status = status
-            if exc_info is None:
-                write = start_response(status, headers)
-            else:
-                write = start_response(status, headers, exc_info)
-
-            def observed_write(data: bytes) -> Any:
-                self.add(data)
-                return write(data)
-
-            return observed_write
-
-        return observed_start_response
 
     def fail(self, error: BaseException) -> None:
         """Record that the app raised *error*."""
@@ -156,60 +139,104 @@ class Capture:
             return 0
 
 
-class ObservedResponse:
-    """Yields the app's response unchanged while a :class:`Capture` keeps a copy.
+class ObservedResponse(Capture):
+    """The app's response, handed to the server unchanged while a copy is captured.
 
-    The outcome is reported (*on_done*, once) as soon as the body is complete, or at
-    ``close()`` if that comes first; ``close()`` closes the app's iterable exactly once.
-    Reporting at the end of the body means clients that never close the response,
-    such as Flask's test client, still get post hooks.
+    Its :meth:`start_response` is what the app gets instead of the server's; once the
+    app has returned, :meth:`wrap` takes its iterable, and this object is what the
+    server iterates and closes. One object per observed request: bound methods rather
+    than closures, and a generator, which resumes for each chunk for less than a
+    ``__next__`` method costs to call.
 
-    :param app_iter: the iterable the wrapped app returned.
-    :param capture: where chunks and an exception raised mid-iteration are recorded.
+    The outcome is reported (*on_done*, once, with this capture) as soon as the body is
+    complete, or at ``close()`` if that comes first; ``close()`` closes the app's
+    iterable exactly once. Reporting at the end of the body means clients that never
+    close the response, such as Flask's test client, still get post hooks.
+
+    :param limit: the most body bytes kept (see :class:`Capture`).
+    :param start_response: the server's ``start_response``, which this one calls.
     :param on_done: reports the outcome; its errors are logged, never raised.
     """
 
-    def __init__(self, app_iter: Iterable[bytes], capture: Capture, on_done: Callable[[], None]):
-        self._app_iter = app_iter
-        self._iterator: Iterator[bytes] | None = None
-        self._capture = capture
-        self._on_done: Callable[[], None] | None = on_done
-        self._closed = False
+    __slots__ = ("_start_response", "_write", "_app_iter", "_on_done", "_closed", "_chunks_out")
 
-    def __iter__(self) -> ObservedResponse:
+    def __init__(
+        self,
+        limit: int,
+        start_response: StartResponse,
+        on_done: Callable[[Capture], None],
+    ) -> None:
+        super().__init__(limit)
+        self._start_response = start_response
+        self._write: Callable[[bytes], object] | None = None
+        self._app_iter: Iterable[bytes] = ()
+        self._on_done: Callable[[Capture], None] | None = on_done
+        self._closed = False
+        self._chunks_out: Iterator[bytes] | None = None
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        """Record the status, pass ``exc_info`` on, and return a ``write()`` that still
+        writes, keeping a copy."""
+        self.status = status
+        if exc_info is None:
+            self._write = self._start_response(status, headers)
+        else:
+            self._write = self._start_response(status, headers, exc_info)
+        return self.write
+
+    def write(self, data: bytes) -> Any:
+        """The app's ``write()``: keep a copy, then write."""
+        self.add(data)
+        assert self._write is not None, "write() before start_response()"
+        return self._write(data)
+
+    def wrap(self, app_iter: Iterable[bytes]) -> ObservedResponse:
+        """Observe *app_iter*, the iterable the app returned: return what the server
+        gets in its place (this object)."""
+        self._app_iter = app_iter
         return self
 
+    def __iter__(self) -> Iterator[bytes]:
+        if self._chunks_out is None:  # one pass over the app's iterable, however often asked
+            self._chunks_out = self._observe()
+        return self._chunks_out
+
     def __next__(self) -> bytes:
+        """For a caller that takes ``next()`` of the response without ``iter()``."""
+        return next(iter(self))
+
+    def _observe(self) -> Iterator[bytes]:
+        add = self.add
         try:
-            if self._iterator is None:
-                self._iterator = iter(self._app_iter)
-            chunk = next(self._iterator)
-        except StopIteration:
-            self._report()
+            for chunk in self._app_iter:
+                add(chunk)
+                yield chunk
+        except GeneratorExit:  # the server stopped iterating: not the app's failure
             raise
         except BaseException as e:
-            self._capture.fail(e)
+            self.fail(e)
             raise
-        self._capture.add(chunk)
-        return chunk
+        self.report()
 
     def close(self) -> None:
         """Close the app's iterable (once), then report the outcome if not done yet."""
         if self._closed:
             return
         self._closed = True
+        self._chunks_out = iter(())  # the generator refers to self: no cycle left for the GC
         try:
             close = getattr(self._app_iter, "close", None)
             if close is not None:
                 close()
         finally:
-            self._report()
+            self.report()
 
-    def _report(self) -> None:
+    def report(self) -> None:
+        """Report the outcome now, unless it was; never raises."""
         on_done, self._on_done = self._on_done, None
         if on_done is None:
             return
         try:
-            on_done()
+            on_done(self)
         except Exception:  # the middleware's own failure never reaches the client
             logger.exception("xo-webhooks could not send the post hooks of a call")

@@ -32,6 +32,7 @@ from .._urls import endpoint_of
 from ..config import Settings
 from .delivery import Delivery, Sender
 from .endpoints import Breaker, Gate, log_transition, probe_lease
+from .intake import Intake, Job
 from .lanes import Lane, Lanes
 from .observers import Observers
 from .policy import STAT_NAMES, Attempt, DeadLetters, RetryPolicy
@@ -176,6 +177,7 @@ class ThreadDispatcher:
             self._count_given_up,
             max(RECORDER_MIN, self.settings.queue_size),
         )
+        self._intake = Intake()  # the building of requests' hooks, off the request thread
 
     # -- the caller's side ------------------------------------------------------------
 
@@ -215,6 +217,16 @@ class ThreadDispatcher:
         if refusal is not None:
             delivery.reason, delivery.last_error = refusal
             self._give_up([delivery])
+
+    def defer(self, job: Job, size: int = 0) -> None:
+        """Run *job* soon on the dispatcher's intake thread, after every job deferred
+        before it: the middleware hands over this way the parsing of a request that may
+        hold hooked calls and the submitting of their hooks (see :mod:`.intake`).
+        *size* is the request body's length: the bytes the job holds while it waits.
+        Never blocks beyond a short lock, unless the intake is full: then this thread
+        runs the waiting jobs, then *job*. :meth:`flush`, :meth:`stats`,
+        :meth:`endpoint_stats` and :meth:`close` run or wait for the deferred jobs first."""
+        self._intake.put(job, size)
 
     def deliver_now(self, delivery: Delivery) -> bool:
         """Make the first attempt in this thread, bounded by the timeout; retries, if
@@ -261,6 +273,7 @@ class ThreadDispatcher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no hook is pending, in memory or (with a spool) in the spool,
         whichever process put it there; return whether that happened within *timeout*."""
+        self._intake.drain()  # the deferred requests' hooks are submitted first
         spooler = self._spooler
         if spooler is None:
             with self._idle:
@@ -282,6 +295,7 @@ class ThreadDispatcher:
         stays this process's, and writes its own outcome). Safe to call twice."""
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        self._intake.close(timeout)  # the requests' hooks it holds are submitted first
         with self._idle:  # the hooks in memory; those in the spool wait for the next process
             self._idle.wait_for(lambda: self._unsettled() == 0, timeout)
         with self._cond:
@@ -336,6 +350,7 @@ class ThreadDispatcher:
         ``last_success`` and ``opened_at`` (epoch seconds or ``None``), and where its
         waiting hooks are kept: ``spool`` (``"spool"``, or ``"memory"`` without a
         spool or while it fails)."""
+        self._intake.drain()
         where = "spool" if self._spooling() else "memory"
         with self._cond:
             stats = self._lanes.stats()

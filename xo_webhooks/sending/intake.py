@@ -1,0 +1,121 @@
+"""Work handed off by the request path, run in order on a thread of its own.
+
+For a request that may hold a hooked call, the middleware hands the dispatcher a job
+that parses the body, matches its calls and submits their pre hooks, and, once the app
+has answered, one that submits their post hooks. Running them here keeps that work off
+the API's request thread; running them one at a time, in the order given, keeps a
+call's pre hooks ahead of its post hooks. The queue is bounded: when it is full, the
+caller runs what waits, then its own job, so memory stays bounded and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+__all__ = ["Intake", "Job"]
+
+logger = logging.getLogger(__name__)
+
+Job = Callable[[], object]
+
+#: Most jobs waiting, and most request-body bytes they hold, before callers run them.
+MAX_JOBS = 4096
+MAX_BYTES = 32 * 1024 * 1024
+
+
+class Intake:
+    """Runs jobs in the order :meth:`put` was called, from one thread started on first
+    use; :meth:`drain` runs the waiting ones on the caller's thread instead.
+
+    :param max_jobs: most jobs waiting before :meth:`put` runs them on the caller.
+    :param max_bytes: most bytes (the *size* given with each job) waiting, likewise.
+    """
+
+    def __init__(self, max_jobs: int = MAX_JOBS, max_bytes: int = MAX_BYTES) -> None:
+        self._max_jobs = max_jobs
+        self._max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self._jobs: deque[tuple[Job, int]] = deque()
+        self._bytes = 0
+        self._order = threading.Lock()  # held while a job runs: one at a time, in order
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def put(self, job: Job, size: int = 0) -> None:
+        """Run *job* soon, after every job put before it. When the queue is full (or
+        closed), the caller runs the waiting jobs and then *job*. Never raises."""
+        with self._cond:
+            if (
+                not self._closed
+                and len(self._jobs) < self._max_jobs
+                and self._bytes + size <= self._max_bytes
+            ):
+                self._jobs.append((job, size))
+                self._bytes += size
+                if self._thread is None:
+                    self._start()
+                self._cond.notify()
+                return
+        with self._order:
+            self._run_waiting()
+            _run(job)
+
+    def drain(self) -> None:
+        """Run the waiting jobs on this thread, after the one under way, if any."""
+        with self._order:
+            self._run_waiting()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread (waiting up to *timeout* for it) and run what waits on this
+        one; later jobs run on the caller of :meth:`put`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        self.drain()
+        if thread is not None:
+            thread.join(timeout)
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._work, name="xo-webhooks-intake", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # e.g. a process limit: the next put tries again
+            logger.exception("could not start the xo-webhooks intake thread")
+            return
+        self._thread = thread
+
+    def _take(self) -> Job | None:
+        """The next job; ``None`` when none waits. Holds the lock."""
+        if not self._jobs:
+            return None
+        job, size = self._jobs.popleft()
+        self._bytes -= size
+        return job
+
+    def _run_waiting(self) -> None:
+        """Run every waiting job. The caller holds ``_order``."""
+        while True:
+            with self._cond:
+                job = self._take()
+            if job is None:
+                return
+            _run(job)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs or self._closed)
+                if self._closed:
+                    return
+            self.drain()
+
+
+def _run(job: Job) -> None:
+    try:
+        job()
+    except Exception:  # a job's failure must not stop the ones after it
+        logger.exception("xo-webhooks could not build the hooks of a request")
