@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from .._streams import CHUNK, read_at_most
@@ -32,7 +33,7 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             expected = int(length)
         except ValueError:
             return None
-        if expected < 0 or expected > limit:
+        if not 0 <= expected <= limit:
             return None
         if expected <= CHUNK:  # the common case, in one read (the request path's cost)
             body = stream.read(expected)  # if it raises, the app still has the stream
@@ -40,7 +41,7 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
                 body += _read_or_restore(environ, stream, expected - len(body), body)
         else:
             body = _read_or_restore(environ, stream, expected)
-        environ["wsgi.input"] = io.BytesIO(body)
+        environ["wsgi.input"] = BytesIO(body)
         if len(body) != expected:  # the client went away early: the app sees what came
             environ["CONTENT_LENGTH"] = str(len(body))
         return body
