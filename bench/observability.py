@@ -31,7 +31,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apps import CALLED_METHODS, NoopDispatcher, WsgiCaller, create_app, hook, rpc_body
+from apps import (
+    CALLED_METHODS,
+    NoopDispatcher,
+    WsgiCaller,
+    built_off_the_request_thread,
+    create_app,
+    hook,
+    rpc_body,
+)
 from apps import unmatched_hooks as other_hooks
 from common import Row, Spread, interleaved_rates, ratios
 from request_path import UNUSED_URL, calls_per_round
@@ -48,6 +56,15 @@ SLICES = 10  # a delivery round alternates the sides every tenth of its hooks
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"  # sampled: the SDK records its children
 SPAN_ID = "b7ad6b7169203331"  # the span active on the request thread in the third case
+
+# Targets: #16 set no number; these follow its words (see bench/README.md). The request
+# path "pays nothing for metrics that are not scraped": at least 0.98 of the calls/s
+# without them (the least these rounds tell from nothing), as for a forwarded
+# traceparent (copied once per request); an OpenTelemetry span's context is captured on
+# the request thread by design: at most the 5% that scenario 1 allows the middleware.
+# On the delivery threads, the bound #15 set for payload validation: at most a quarter
+# of a delivery's CPU per hook.
+NOTHING, CAPTURED, DELIVERY = ">= 0.98", ">= 0.95", "<= 1.25"
 
 
 def missing() -> list[str]:
@@ -66,9 +83,9 @@ def missing() -> list[str]:
 
 
 class ObservedNoopDispatcher(NoopDispatcher):
-    """Scenario 2's no-op dispatcher, plus what ``ThreadDispatcher.submit()`` does on the
-    request thread for observers (the endpoint of the hook, then ``accepted``); notes
-    the trace context of the hooks, to prove it was captured."""
+    """Scenario 2's no-op dispatcher, plus what ``ThreadDispatcher.submit()`` does for
+    observers (the endpoint of the hook, then ``accepted``: on the intake thread, since
+    #17); notes the trace context of the hooks, to prove it was captured."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,38 +172,56 @@ def run_request_path(rounds: int, round_seconds: float) -> list[Row]:
         traced: bool,
     ) -> dict[str, list[float]]:
         for each in (off_dispatcher, dispatcher):
-            each.submitted = each.traced = 0
+            each.deferred = 0
         rates = interleaved_rates(sides, count, rounds)
-        _check_hooks(on, off_dispatcher, calls, traced=False)
-        _check_hooks(on, dispatcher, calls, traced=traced)
+        for each in (off_dispatcher, dispatcher):
+            if each.deferred != 2 * calls:  # a job for the pre hooks and one for the posts
+                raise RuntimeError(f"{on}: {each.deferred} jobs for {calls} calls, not 2 each")
         return rates
+
+    def check(
+        on: str, caller: WsgiCaller, app: WebhookMiddleware, dispatcher: ObservedNoopDispatcher,
+        traced: bool,
+    ) -> None:  # fmt: skip
+        """What the deferred jobs of 100 calls submit: 2 hooks each, traced or not."""
+        dispatcher.traced = 0
+        if on == "span":
+            within_span(lambda n: built_off_the_request_thread(caller, app, dispatcher, n))(100)
+        else:
+            built_off_the_request_thread(caller, app, dispatcher, 100)
+        _check_hooks(on, dispatcher, 100, traced=traced)
 
     # Metrics: one Counter.inc and one Gauge.inc per hook, on the request thread.
     metered, metered_dispatcher = wrapped()
     register(metered, registry)
     sides = {"off": side(plain, off), "metrics": side(plain, metered)}
-    before = _accepted(registry)
     rates = compare("metrics", sides, metered_dispatcher, traced=False)
+    before = _accepted(registry)
+    check("metrics", plain, metered, metered_dispatcher, traced=False)
     if _accepted(registry) - before != metered_dispatcher.submitted:
         raise RuntimeError(f"metrics counted {_accepted(registry) - before} hooks accepted, "
                            f"not {metered_dispatcher.submitted}")  # fmt: skip
-    rows = _request_rows("metrics registered / not", rates, "metrics", count, per_hook=True)
+    rows = _request_rows(
+        "metrics registered / not", rates, "metrics", count, NOTHING, per_hook=True
+    )
 
     # A traceparent forwarded: capture() copies it once per request, the hooks share it.
     forwarded, forwarded_dispatcher = wrapped()
     sides = {"off": side(plain, off), "forwarded": side(with_header, forwarded)}
     rates = compare("forwarded", sides, forwarded_dispatcher, traced=True)
+    check("forwarded", with_header, forwarded, forwarded_dispatcher, traced=True)
     if forwarded_dispatcher.last_trace != {"traceparent": TRACEPARENT}:
         raise RuntimeError(f"forwarded: the hooks carry {forwarded_dispatcher.last_trace}")
-    rows += _request_rows("traceparent forwarded / no header", rates, "forwarded", count)
+    rows += _request_rows("traceparent forwarded / no header", rates, "forwarded", count, NOTHING)
 
     # An OpenTelemetry span active: capture() injects its context once per request.
     spanned, spanned_dispatcher = wrapped()
     sides = {"off": side(plain, off), "span": within_span(side(plain, spanned))}
     rates = compare("span", sides, spanned_dispatcher, traced=True)
+    check("span", plain, spanned, spanned_dispatcher, traced=True)
     if spanned_dispatcher.last_trace != {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01"}:
         raise RuntimeError(f"span: the hooks carry {spanned_dispatcher.last_trace}")
-    rows += _request_rows("OpenTelemetry span active / none", rates, "span", count)
+    rows += _request_rows("OpenTelemetry span active / none", rates, "span", count, CAPTURED)
     return rows
 
 
@@ -207,7 +242,12 @@ def _check_hooks(label: str, dispatcher: ObservedNoopDispatcher, calls: int, tra
 
 
 def _request_rows(
-    what: str, rates: dict[str, list[float]], on: str, count: int, per_hook: bool = False
+    what: str,
+    rates: dict[str, list[float]],
+    on: str,
+    count: int,
+    target: str,
+    per_hook: bool = False,
 ) -> list[Row]:
     detail: dict[str, Any] = {"calls_per_round": count, "hooks_per_call": 2}
     for name, values in rates.items():
@@ -218,7 +258,7 @@ def _request_rows(
         added = [us / 2 for us in added]
     return [
         Row("9", f"request path, {what}: calls/s", ratios(rates[on], rates["off"]),
-            detail=detail),
+            target=target, detail=detail),
         Row("9", "  added per hook" if per_hook else "  added per call (2 hooks)",
             Spread.of(added), unit="us"),
     ]  # fmt: skip
@@ -352,7 +392,7 @@ def run_delivery(url: str, receiver: str, rounds: int, count: int, spans: Any) -
         added = [a - b for a, b in zip(cpu[on], cpu["off"], strict=True)]
         speed = {"hooks_per_s_on_over_off": ratios(rate[on], rate["off"]).__dict__}
         rows.append(Row("9", f"delivery, {what}: CPU per hook", ratios(cpu[on], cpu["off"]),
-                        detail=speed))  # fmt: skip
+                        target=DELIVERY, detail=speed))  # fmt: skip
         rows.append(Row("9", "  added CPU per hook", Spread.of(added), unit="us"))
     rows.append(Row("9", "  CPU per hook, neither", Spread.of(cpu["off"]), unit="us",
                     detail=detail))  # fmt: skip

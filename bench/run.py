@@ -24,6 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bookkeeping  # noqa: E402
 import celery_publish  # noqa: E402
 import celery_workers  # noqa: E402
 import isolation  # noqa: E402
@@ -34,10 +35,11 @@ import receivers  # noqa: E402
 import request_path  # noqa: E402
 import spool  # noqa: E402
 import throughput  # noqa: E402
+import transports  # noqa: E402
 import validation  # noqa: E402
 from common import Row, render_table  # noqa: E402
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C", "10", "11", "9")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "C", "10", "11", "12", "13", "9")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -176,6 +178,16 @@ def main(argv: list[str]) -> int:
         with receivers.any_fast_receiver(args.receiver) as (url, receiver):
             print(f"receiver for 11: {receiver} at {url}", flush=True)
             step("11 payload validation cost per hook", validation.run, url,
+                 args.rounds * 3, args.hooks // args.rounds // 2, receiver)  # fmt: skip
+    if "12" in only:
+        with receivers.any_fast_receiver(args.receiver) as (url, receiver):
+            print(f"receiver for 12: {receiver} at {url}", flush=True)
+            step("12 requests transport against the default", transports.run, url,
+                 args.rounds * 3, args.hooks // args.rounds // 2, receiver)  # fmt: skip
+    if "13" in only:
+        with receivers.any_fast_receiver(args.receiver) as (url, receiver):
+            print(f"receiver for 13: {receiver} at {url}", flush=True)
+            step("13 per-endpoint lanes and breaker cost per hook", bookkeeping.run, url,
                  args.rounds * 3, args.hooks // args.rounds // 2, receiver)  # fmt: skip
     if "9" in only:  # last: it sets OpenTelemetry's global tracer provider, for good
         if observability.missing():
