@@ -226,6 +226,9 @@ class ThreadDispatcher:
         Never blocks beyond a short lock, unless the intake is full: then this thread
         runs the waiting jobs, then *job*. :meth:`flush`, :meth:`stats`,
         :meth:`endpoint_stats` and :meth:`close` run or wait for the deferred jobs first."""
+        if not self._threads:  # as submit() does: and the hooks are flushed at exit
+            with self._cond:
+                self._start_workers()
         self._intake.put(job, size)
 
     def deliver_now(self, delivery: Delivery) -> bool:

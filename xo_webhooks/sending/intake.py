@@ -40,7 +40,9 @@ class Intake:
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Job, int]] = deque()
         self._bytes = 0
-        self._order = threading.Lock()  # held while a job runs: one at a time, in order
+        # Held while a job runs: one at a time, in order. Reentrant: a job whose hooks
+        # are given up on may reach code of the caller's that drains (stats()).
+        self._order = threading.RLock()
         self._thread: threading.Thread | None = None
         self._closed = False
 
