@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._text import describe_error
-from .._trace import Snapshot, captured, snapshot
 from .._trace import capture as capture_trace
+from .._trace import captured, snapshot
 from ..config import Hook, Settings, load_settings
 from ..errors import ConfigError
 from ..sending.delivery import Delivery, new_id
@@ -94,30 +94,55 @@ class _TrackedCall:
         return build
 
 
-class _DeferredRequest:
-    """A request that may hold hooked calls, its hooks built on the dispatcher's intake
-    thread: what only the request thread could note (the user, the trace, the time)."""
+class _ObservedCalls(ObservedResponse):
+    """The answer to a request whose hooked calls were tracked on the request thread:
+    their post hooks are queued once it is complete."""
 
-    __slots__ = ("middleware", "environ", "body", "user", "trace", "start_ms", "start",
-                 "tracked", "capture", "end", "late_user")  # fmt: skip
+    __slots__ = ("middleware", "tracked", "environ")
+
+    def __init__(
+        self,
+        middleware: WebhookMiddleware,
+        tracked: list[_TrackedCall],
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> None:
+        super().__init__(middleware._max_body, start_response)
+        self.middleware = middleware
+        self.tracked = tracked
+        self.environ = environ
+
+    def done(self) -> None:
+        self.middleware._queue_posts(
+            self.tracked, self, self.environ.get(USER_ENVIRON_KEY), time.monotonic()
+        )
+
+
+class _DeferredRequest(ObservedResponse):
+    """A request that may hold hooked calls, whose hooks are built on the dispatcher's
+    intake thread: what only the request thread can note (the user, the trace, the
+    time), then the app's answer, observed as :class:`ObservedResponse` does."""
+
+    __slots__ = ("middleware", "environ", "request_body", "user", "trace", "start_ms",
+                 "start", "tracked", "end", "late_user")  # fmt: skip
 
     def __init__(
         self,
         middleware: WebhookMiddleware,
         environ: WSGIEnvironment,
+        start_response: StartResponse,
         body: bytes,
         user: Any,
-        trace: Snapshot,
     ) -> None:
+        super().__init__(middleware._max_body, start_response)
         self.middleware = middleware
         self.environ = environ  # for the user the app may set (USER_ENVIRON_KEY)
-        self.body = body
+        self.request_body = body
         self.user = user  # as the user_resolver gave it: checked off the request thread
-        self.trace = trace  # read off the request thread too (see _trace.snapshot)
+        self.trace = snapshot(environ)  # read off the request thread (see _trace.snapshot)
         self.start_ms, self.start = int(time.time() * 1000), time.monotonic()
         self.tracked: list[_TrackedCall] | None = None
-        # Set by finish(), before send_post() runs:
-        self.capture: Capture
+        # Set by done(), before send_post() runs:
         self.end: float
         self.late_user: Any
 
@@ -125,20 +150,17 @@ class _DeferredRequest:
         """Parse the body, track its hooked calls and queue their pre hooks."""
         self.tracked = self.middleware._track(self)
 
-    def finish(self, capture: Capture) -> None:
+    def done(self) -> None:
         """The app answered (on the request thread): have the post hooks queued."""
-        self.capture, self.end = capture, time.monotonic()
-        try:
-            self.late_user = self.environ.get(USER_ENVIRON_KEY)
-            self.middleware._defer(self.send_post, 0)  # type: ignore[misc]
-        except Exception:  # the app's answer, or its exception, must reach the server
-            logger.exception("xo-webhooks could not send the post hooks of a call")
+        self.end = time.monotonic()
+        self.late_user = self.environ.get(USER_ENVIRON_KEY)
+        self.middleware._defer(self.send_post, 0)  # type: ignore[misc]
 
     def send_post(self) -> None:
         """Queue the post hooks (parsing the body first if no pre hook did)."""
         tracked = self.tracked if self.tracked is not None else self.middleware._track(self)
         if tracked:
-            self.middleware._queue_posts(tracked, self.capture, self.late_user, self.end)
+            self.middleware._queue_posts(tracked, self, self.late_user, self.end)
 
 
 class WebhookMiddleware:
@@ -372,9 +394,7 @@ class WebhookMiddleware:
             return self.app(environ, start_response)
         if not any(h.post for entry in tracked for h in entry.hooks):
             return self.app(environ, start_response)
-        return self._observe(
-            environ, start_response, functools.partial(self._finish_request, tracked, environ)
-        )
+        return _ObservedCalls(self, tracked, environ, start_response).respond(self.app, environ)
 
     def _track_later(
         self, environ: WSGIEnvironment, start_response: StartResponse, body: bytes, needs: int
@@ -384,7 +404,7 @@ class WebhookMiddleware:
         notes what must be read here (the user, the trace, the time)."""
         try:
             request = _DeferredRequest(
-                self, environ, body, self._resolve_user(environ), snapshot(environ)
+                self, environ, start_response, body, self._resolve_user(environ)
             )
             if needs & _PRE:
                 self._defer(request.send_pre, len(body))  # type: ignore[misc]
@@ -393,12 +413,12 @@ class WebhookMiddleware:
             return self.app(environ, start_response)
         if not needs & _POST:
             return self.app(environ, start_response)
-        return self._observe(environ, start_response, request.finish)
+        return request.respond(self.app, environ)
 
     def _track(self, request: _DeferredRequest) -> list[_TrackedCall]:
         """Parse a deferred request's body, match its calls and queue their pre hooks
         (on the intake thread)."""
-        body, request.body = request.body, b""
+        body, request.request_body = request.request_body, b""
         matched = self._over_limit.split(self._matched(parse_calls(body) or []))
         if not matched:
             return []
@@ -506,46 +526,6 @@ class WebhookMiddleware:
                 self.dispatcher, waiting, self._wait_slots, self.settings.timeout
             )
         return tracked
-
-    def _observe(
-        self,
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
-        finish: Callable[[Capture], None],
-    ) -> Iterable[bytes]:
-        """Call the app, keeping a copy of its answer; *finish* is told it once, when
-        it is complete (on the request thread), and must not raise."""
-        response = ObservedResponse(self._max_body, start_response, finish)
-        try:
-            app_iter = self.app(environ, response.start_response)
-        except Exception as e:
-            response.fail(e)
-            response.report()
-            raise
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
-            # A file is streamed by the server itself; never buffer it.
-            response.overflow = True
-            response.report()
-            return app_iter
-        if isinstance(app_iter, (list, tuple)) and response.status is not None:
-            # Already in memory: observed at once, and handed on as it is, so that the
-            # server still sees a one-item list and can set Content-Length.
-            for chunk in app_iter:
-                response.add(chunk)
-            response.report()
-            return app_iter
-        return response.wrap(app_iter)
-
-    def _finish_request(
-        self, tracked: list[_TrackedCall], environ: WSGIEnvironment, capture: Capture
-    ) -> None:
-        """Queue the post hooks; never raises (the app's answer, or its exception, must
-        reach the server unchanged)."""
-        try:
-            self._queue_posts(tracked, capture, environ.get(USER_ENVIRON_KEY), time.monotonic())
-        except Exception:
-            logger.exception("xo-webhooks could not send the post hooks of a call")
 
     def _queue_posts(
         self, tracked: list[_TrackedCall], capture: Capture, late_user: Any, end: float

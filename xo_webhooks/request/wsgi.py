@@ -12,7 +12,7 @@ from .._streams import CHUNK, read_at_most
 from .._text import describe_error
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["read_body", "Capture", "ObservedResponse"]
 
@@ -143,37 +143,63 @@ class Capture:
 class ObservedResponse(Capture):
     """The app's response, handed to the server unchanged while a copy is captured.
 
-    Its :meth:`start_response` is what the app gets instead of the server's; once the
-    app has returned, :meth:`wrap` takes its iterable, and this object is what the
-    server iterates and closes. One object per observed request: bound methods rather
-    than closures, and a generator, which resumes for each chunk for less than a
-    ``__next__`` method costs to call.
+    :meth:`respond` calls the app with this object's :meth:`start_response` in place of
+    the server's, and returns what the server gets: the app's own list or file wrapper
+    (observed at once), or this object, which the server iterates and closes. One
+    object per observed request: bound methods rather than closures, and a generator,
+    which resumes for each chunk for less than a ``__next__`` method costs to call.
 
-    The outcome is reported (*on_done*, once, with this capture) as soon as the body is
-    complete, or at ``close()`` if that comes first; ``close()`` closes the app's
-    iterable exactly once. Reporting at the end of the body means clients that never
-    close the response, such as Flask's test client, still get post hooks.
+    Subclasses say in :meth:`done` what to do with the outcome; it is reported once,
+    as soon as the body is complete, or at ``close()`` if that comes first, and
+    ``close()`` closes the app's iterable exactly once. Reporting at the end of the
+    body means clients that never close the response, such as Flask's test client,
+    still get post hooks.
 
     :param limit: the most body bytes kept (see :class:`Capture`).
     :param start_response: the server's ``start_response``, which this one calls.
-    :param on_done: reports the outcome; its errors are logged, never raised.
     """
 
-    __slots__ = ("_start_response", "_write", "_app_iter", "_on_done", "_closed", "_chunks_out")
+    __slots__ = ("_start_response", "_write", "_app_iter", "_reported", "_closed", "_chunks_out")
 
-    def __init__(
-        self,
-        limit: int,
-        start_response: StartResponse,
-        on_done: Callable[[Capture], None],
-    ) -> None:
-        super().__init__(limit)
+    def __init__(self, limit: int, start_response: StartResponse) -> None:
+        # Capture's fields set here, not through super(): one call less per request
+        self.limit = limit
+        self.status = self.error = None
+        self.overflow = self._reported = self._closed = False
+        self._chunks = []
+        self._size = 0
         self._start_response = start_response
         self._write: Callable[[bytes], object] | None = None
         self._app_iter: Iterable[bytes] = ()
-        self._on_done: Callable[[Capture], None] | None = on_done
-        self._closed = False
         self._chunks_out: Iterator[bytes] | None = None
+
+    def done(self) -> None:
+        """Told once the outcome is known (on the server's thread); must not block."""
+        raise NotImplementedError
+
+    def respond(self, app: WSGIApplication, environ: WSGIEnvironment) -> Iterable[bytes]:
+        """Call *app* and return what the server gets in place of its answer."""
+        try:
+            app_iter = app(environ, self.start_response)
+        except Exception as e:
+            self.fail(e)
+            self.report()
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
+            # A file is streamed by the server itself; never buffer it.
+            self.overflow = True
+            self.report()
+            return app_iter
+        if isinstance(app_iter, (list, tuple)) and self.status is not None:
+            # Already in memory: observed at once, and handed on as it is, so that the
+            # server still sees a one-item list and can set Content-Length.
+            for chunk in app_iter:
+                self.add(chunk)
+            self.report()
+            return app_iter
+        self._app_iter = app_iter
+        return self
 
     def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
         """Record the status, pass ``exc_info`` on, and return a ``write()`` that still
@@ -190,12 +216,6 @@ class ObservedResponse(Capture):
         self.add(data)
         assert self._write is not None, "write() before start_response()"
         return self._write(data)
-
-    def wrap(self, app_iter: Iterable[bytes]) -> ObservedResponse:
-        """Observe *app_iter*, the iterable the app returned: return what the server
-        gets in its place (this object)."""
-        self._app_iter = app_iter
-        return self
 
     def __iter__(self) -> Iterator[bytes]:
         if self._chunks_out is None:  # one pass over the app's iterable, however often asked
@@ -233,11 +253,11 @@ class ObservedResponse(Capture):
             self.report()
 
     def report(self) -> None:
-        """Report the outcome now, unless it was; never raises."""
-        on_done, self._on_done = self._on_done, None
-        if on_done is None:
+        """Report the outcome (:meth:`done`) now, unless it was; never raises."""
+        if self._reported:
             return
+        self._reported = True
         try:
-            on_done(self)
+            self.done()
         except Exception:  # the middleware's own failure never reaches the client
             logger.exception("xo-webhooks could not send the post hooks of a call")
