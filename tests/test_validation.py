@@ -55,7 +55,7 @@ def receiver():
 
 
 def sender(**settings: Any) -> Sender:
-    """A sender that validates (the setting is off by default), unless told otherwise."""
+    """A sender that validates (the default), unless told otherwise."""
     return Sender(load_settings([], {}, **{"validate": True, **settings}))
 
 
@@ -158,7 +158,6 @@ def test_the_warning_is_logged_once_per_method(receiver, caplog):
     [
         pytest.param({"validate": False}, {}, id="kwarg"),
         pytest.param({}, {"XO_WEBHOOKS_VALIDATE": "0"}, id="env-0"),
-        pytest.param({}, {}, id="default-off"),
     ],
 )
 def test_validation_off_sends_an_invalid_payload(receiver, settings, environ):
@@ -384,3 +383,11 @@ def test_call_rejects_what_would_make_an_invalid_payload(hooks, args, kwargs, er
     with pytest.raises(error, match=match), middleware.call(*args, **kwargs):
         ran.append(True)
     assert ran == [] and dispatcher.deliveries == []  # raised on entering the block
+
+
+def test_validation_is_on_by_default(receiver):
+    checked = Sender(load_settings([], {}))
+    assert checked.check is not None
+    attempt = checked.send(delivery(receiver.url, {**PRE, "userId": 42}))
+    assert not attempt.delivered and attempt.reason == "invalid_payload"
+    assert receiver.attempts == []
