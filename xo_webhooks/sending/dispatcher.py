@@ -55,7 +55,14 @@ def _left(deadline: float) -> float:
 
 
 class Dispatcher(Protocol):
-    """What the middleware needs from a dispatcher."""
+    """What the middleware needs from a dispatcher.
+
+    Two methods are optional, and used when present: ``submit_many(deliveries)``
+    (queue a request's hooks in one go, as the Celery dispatcher publishes them in one
+    round trip) and ``defer(job, size)`` (run *job*, which builds and submits a
+    request's hooks, off the request thread, in the order given: see
+    :meth:`ThreadDispatcher.defer`). Without ``defer`` the request thread builds them.
+    """
 
     def submit(self, delivery: Delivery) -> None:
         """Queue *delivery*; never blocks, never raises."""
