@@ -138,7 +138,9 @@ class _DeferredRequest(ObservedResponse):
         self.middleware = middleware
         self.environ = environ  # for the user the app may set (USER_ENVIRON_KEY)
         self.request_body = body
-        self.user = user  # as the user_resolver gave it: checked off the request thread
+        # As the user_resolver gave it, checked off the request thread; a list (which
+        # the app might change during the call) is copied.
+        self.user = tuple(user) if type(user) is list else user
         self.trace = snapshot(environ)  # read off the request thread (see _trace.snapshot)
         self.start_ms, self.start = int(time.time() * 1000), time.monotonic()
         self.tracked: list[_TrackedCall] | None = None
@@ -154,7 +156,12 @@ class _DeferredRequest(ObservedResponse):
         """The app answered (on the request thread): have the post hooks queued."""
         self.end = time.monotonic()
         self.late_user = self.environ.get(USER_ENVIRON_KEY)
-        self.middleware._defer(self.send_post, 0)  # type: ignore[misc]
+        # What the job holds while it waits: the answer, and the body if no pre job
+        # took it (a list for the late user, as for the resolver's).
+        if type(self.late_user) is list:
+            self.late_user = tuple(self.late_user)
+        held = self._size + len(self.request_body)
+        self.middleware._defer(self.send_post, held)  # type: ignore[misc]
 
     def send_post(self) -> None:
         """Queue the post hooks (parsing the body first if no pre hook did)."""

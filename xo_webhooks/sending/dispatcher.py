@@ -346,7 +346,9 @@ class ThreadDispatcher:
         """Counters since start: ``accepted + resumed == delivered + failed + spooled +
         left + pending`` and ``failed == dead_lettered + lost`` hold at every moment
         (without a spool, ``resumed``, ``spooled`` and ``left`` stay 0);
-        ``spool_errors`` counts the spool's failed transactions."""
+        ``spool_errors`` counts the spool's failed transactions. Deferred jobs are run
+        first (see :meth:`defer`), so the hooks of every request answered are counted."""
+        self._intake.drain()
         with self._cond:
             counters = {name: self._counters[name] for name in STAT_NAMES}
             counters["pending"] = self._pending()

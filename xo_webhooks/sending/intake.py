@@ -40,9 +40,10 @@ class Intake:
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Job, int]] = deque()
         self._bytes = 0
-        # Held while a job runs: one at a time, in order. Reentrant: a job whose hooks
-        # are given up on may reach code of the caller's that drains (stats()).
-        self._order = threading.RLock()
+        self._order = threading.Lock()  # held while jobs run: one at a time, in order
+        # The thread running jobs now: a job whose code drains (an observer reading
+        # stats()) must not run the jobs after it before it ends, nor wait for itself.
+        self._runner: int | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -54,7 +55,7 @@ class Intake:
                 not self._closed
                 and len(self._jobs) < self._max_jobs
                 and self._bytes + size <= self._max_bytes
-            ):
+            ) or self._runner == threading.get_ident():  # from a job: it runs after it
                 self._jobs.append((job, size))
                 self._bytes += size
                 if self._thread is None:
@@ -62,11 +63,13 @@ class Intake:
                 self._cond.notify()
                 return
         with self._order:
-            self._run_waiting()
-            _run(job)
+            self._run_waiting(then=job)
 
     def drain(self) -> None:
-        """Run the waiting jobs on this thread, after the one under way, if any."""
+        """Run the waiting jobs on this thread, after the one under way, if any; from
+        a job itself, nothing (the jobs after it run once it ends)."""
+        if self._runner == threading.get_ident():
+            return
         with self._order:
             self._run_waiting()
 
@@ -98,14 +101,20 @@ class Intake:
         self._bytes -= size
         return job
 
-    def _run_waiting(self) -> None:
-        """Run every waiting job. The caller holds ``_order``."""
-        while True:
-            with self._cond:
-                job = self._take()
-            if job is None:
-                return
-            _run(job)
+    def _run_waiting(self, then: Job | None = None) -> None:
+        """Run every waiting job, then *then*. The caller holds ``_order``."""
+        self._runner = threading.get_ident()
+        try:
+            while True:
+                with self._cond:
+                    job = self._take()
+                if job is None:
+                    break
+                _run(job)
+            if then is not None:
+                _run(then)
+        finally:
+            self._runner = None
 
     def _work(self) -> None:
         while True:

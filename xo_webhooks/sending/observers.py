@@ -28,7 +28,10 @@ class DeliveryObserver(Protocol):
     Implement the events you need; the others are never called if missing."""
 
     def accepted(self, origin: str) -> None:
-        """A hook was accepted (on the request thread)."""
+        """A hook was accepted (by the thread that submitted it: with the thread
+        dispatcher, its intake thread, or the request thread for a ``waitForResponse``
+        hook). It may read the dispatcher's counters: a job's nested read does not run
+        the jobs after it."""
 
     def published(self, origin: str) -> None:
         """A hook was handed to the Celery broker (its fate is the workers')."""
