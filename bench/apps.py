@@ -143,7 +143,7 @@ class NoopDispatcher:
     def submit(self, delivery: Any) -> None:
         self.submitted += 1
 
-    def defer(self, job: Callable[[], object], size: int = 0) -> None:
+    def defer(self, job: Callable[[], object], size: int = 0, now: bool = True) -> None:
         self.deferred += 1
         if self.keep:
             self._jobs.append(job)

@@ -383,3 +383,51 @@ def test_close_runs_the_jobs_of_a_thread_that_never_started(intakes, unstartable
     assert log.entries == [("a", me), ("b", me)]
     intake.put(log.job("c"))  # closed: on the caller, no attempt to start a thread
     assert log.entries[-1] == ("c", me)
+
+
+# -- jobs put without waking the thread (a request's pre job) ----------------------------
+
+
+def test_a_job_put_without_waking_runs_at_the_threads_next_look(intakes, monkeypatch):
+    monkeypatch.setattr(intake_module, "POLL", 0.01)
+    intake = intakes()
+    intake.put(lambda: None)  # starts the thread
+    ran = threading.Event()
+    names: list[str] = []
+    intake.put(lambda: (names.append(threading.current_thread().name), ran.set()), now=False)
+    assert ran.wait(10)
+    assert names == ["xo-webhooks-intake"]
+
+
+def test_a_job_put_now_runs_the_ones_waiting_before_it_without_a_look(intakes, monkeypatch):
+    monkeypatch.setattr(intake_module, "POLL", 60.0)  # no look in this test's time
+    intake = intakes()
+    started = threading.Event()
+    intake.put(started.set)
+    assert started.wait(10)
+    wait_until(lambda: inside_wait(intake), what="the intake thread waiting")
+    order: list[str] = []
+    pre_ran = threading.Event()
+    intake.put(lambda: (order.append("pre"), pre_ran.set()), now=False)
+    assert not pre_ran.wait(0.2)  # not woken for it
+    post_ran = threading.Event()
+    intake.put(lambda: (order.append("post"), post_ran.set()))
+    assert post_ran.wait(10)
+    assert order == ["pre", "post"]
+
+
+def test_after_a_long_idle_the_thread_sleeps_and_any_job_wakes_it(intakes, monkeypatch):
+    monkeypatch.setattr(intake_module, "POLL", 0.001)
+    monkeypatch.setattr(intake_module, "SLEEP_AFTER", 3)
+    intake = intakes()
+    intake.put(lambda: None)
+    wait_until(lambda: intake._sleeping, what="the intake thread asleep")
+    ran = threading.Event()
+    intake.put(ran.set, now=False)  # it sleeps: woken all the same
+    assert ran.wait(10)
+
+
+def inside_wait(intake: Intake) -> bool:
+    """Whether the intake's thread waits for jobs (in Condition.wait) now."""
+    thread = intake._thread
+    return thread is not None and inside(thread, threading.Condition.wait)

@@ -519,3 +519,26 @@ def test_a_response_stopped_early_is_no_failure_and_next_works_without_iter():
     response.close()  # type: ignore[attr-defined]  # drops the suspended generator
     (post,) = dispatcher.payloads("post")
     assert post["error"]["message"] == "the response is not a JSON-RPC response"
+
+
+def test_what_the_post_hooks_keep_holds_nothing_of_the_server():
+    # While post hooks wait (a receiver down: thousands of them), they keep a plain
+    # Capture, not the observed response that holds the server's start_response.
+    from xo_webhooks.request.wsgi import ObservedResponse
+
+    class Observed(ObservedResponse):
+        def done(self) -> None:
+            pass
+
+    def server_start_response(status, headers, exc_info=None):
+        return lambda data: None
+
+    response = Observed(100, server_start_response)
+    response.start_response("201 Created", [])
+    response.add(b'{"id": 1}')
+    kept = response.kept()
+    assert type(kept) is Capture
+    assert (kept.status, kept.body, kept.overflow, kept.error) == (
+        "201 Created", b'{"id": 1}', False, None,
+    )  # fmt: skip
+    assert server_start_response not in [getattr(kept, n, None) for n in dir(kept)]

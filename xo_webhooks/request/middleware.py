@@ -161,7 +161,7 @@ class _DeferredRequest(ObservedResponse):
         if type(self.late_user) is list:
             self.late_user = tuple(self.late_user)
         held = self._size + len(self.request_body)
-        self.middleware._defer(self.send_post, held)  # type: ignore[misc]
+        self.middleware._defer(self.send_post, held, True)  # type: ignore[misc]
 
     def send_post(self) -> None:
         """Queue the post hooks (parsing the body first if no pre hook did)."""
@@ -242,7 +242,7 @@ class WebhookMiddleware:
         self.dispatcher: Dispatcher = dispatcher or make_dispatcher(self.settings, session_factory)
         self._submit_many = getattr(self.dispatcher, "submit_many", None)
         # The thread dispatcher builds a request's hooks off the request thread.
-        self._defer: Callable[[Callable[[], object], int], None] | None = getattr(
+        self._defer: Callable[[Callable[[], object], int, bool], None] | None = getattr(
             self.dispatcher, "defer", None
         )
         self._over_limit = OverLimit(self.settings)
@@ -413,8 +413,8 @@ class WebhookMiddleware:
             request = _DeferredRequest(
                 self, environ, start_response, body, self._resolve_user(environ)
             )
-            if needs & _PRE:
-                self._defer(request.send_pre, len(body))  # type: ignore[misc]
+            if needs & _PRE:  # not woken for it: see Intake.put
+                self._defer(request.send_pre, len(body), False)  # type: ignore[misc]
         except Exception:  # the middleware's own failure never reaches the client
             logger.exception("xo-webhooks could not inspect a request; passing it through")
             return self.app(environ, start_response)
@@ -540,6 +540,10 @@ class WebhookMiddleware:
         """Queue the post hooks of *tracked* calls, which ended at *end* (monotonic)
         with what *capture* holds; *late_user* is what the app set in the environ."""
         # The response is parsed, and the post payloads built, by a delivery thread.
+        # Until then the hooks keep only what was captured: not the request's object,
+        # which holds the environ and the server's start_response (thousands of them,
+        # with a receiver down, would weigh on memory and on every garbage collection).
+        capture = capture.kept()
         outcomes: dict[str, Outcome] = {}
 
         def outcome_of(entry: _TrackedCall) -> Outcome:

@@ -126,6 +126,14 @@ class Capture:
         else:
             self._chunks.append(chunk)
 
+    def kept(self) -> Capture:
+        """What was captured, in a plain :class:`Capture` that holds nothing else: what
+        the post hooks keep while they wait (a subclass holds the server's objects)."""
+        kept = Capture(self.limit)
+        kept.status, kept.error, kept.overflow = self.status, self.error, self.overflow
+        kept._chunks, kept._size = self._chunks, self._size
+        return kept
+
     @property
     def body(self) -> bytes:
         """The captured body (empty once it overflowed)."""

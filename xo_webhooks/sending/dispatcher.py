@@ -225,18 +225,20 @@ class ThreadDispatcher:
             delivery.reason, delivery.last_error = refusal
             self._give_up([delivery])
 
-    def defer(self, job: Job, size: int = 0) -> None:
+    def defer(self, job: Job, size: int = 0, now: bool = True) -> None:
         """Run *job* soon on the dispatcher's intake thread, after every job deferred
         before it: the middleware hands over this way the parsing of a request that may
         hold hooked calls and the submitting of their hooks (see :mod:`.intake`).
         *size* is the request body's length: the bytes the job holds while it waits.
         Never blocks beyond a short lock, unless the intake is full: then this thread
-        runs the waiting jobs, then *job*. :meth:`flush`, :meth:`stats`,
+        runs the waiting jobs, then *job*. With *now* false, the intake thread is not
+        woken for it: it runs within 10 ms, or with the next job deferred with *now*
+        (see :meth:`.Intake.put`). :meth:`flush`, :meth:`stats`,
         :meth:`endpoint_stats` and :meth:`close` run or wait for the deferred jobs first."""
         if not self._threads:  # as submit() does: and the hooks are flushed at exit
             with self._cond:
                 self._start_workers()
-        self._intake.put(job, size)
+        self._intake.put(job, size, now)
 
     def deliver_now(self, delivery: Delivery) -> bool:
         """Make the first attempt in this thread, bounded by the timeout; retries, if

@@ -24,6 +24,10 @@ Job = Callable[[], object]
 #: Most jobs waiting, and most request-body bytes they hold, before callers run them.
 MAX_JOBS = 4096
 MAX_BYTES = 32 * 1024 * 1024
+#: Seconds a job put without waking the thread (``put(now=False)``) may wait for it.
+POLL = 0.01
+#: Looks in a row that found nothing before the thread sleeps until woken.
+SLEEP_AFTER = 100
 
 
 class Intake:
@@ -46,10 +50,19 @@ class Intake:
         self._runner: int | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._woken = False  # a job put with now=True waits
+        self._sleeping = False  # the thread waits until woken, not POLL
 
-    def put(self, job: Job, size: int = 0) -> None:
+    def put(self, job: Job, size: int = 0, now: bool = True) -> None:
         """Run *job* soon, after every job put before it. When the queue is full (or
-        closed), the caller runs the waiting jobs and then *job*. Never raises."""
+        closed), the caller runs the waiting jobs and then *job*. Never raises.
+
+        With *now* false, the thread is not woken for it: it runs at the thread's next
+        look (within :data:`POLL` seconds), or with the next job put with *now*. The
+        middleware puts a request's pre job so, and its post job, once the answer is
+        sent, with *now*: the thread then runs both while the request's thread waits for
+        the next request, not in the middle of this one, where it would take the
+        interpreter lock from it (measured over HTTP: 5-8% on the median latency)."""
         with self._cond:
             if (
                 not self._closed
@@ -60,7 +73,9 @@ class Intake:
                 self._bytes += size
                 if self._thread is None:
                     self._start()
-                self._cond.notify()
+                if now or self._sleeping:
+                    self._woken = True
+                    self._cond.notify()
                 return
         with self._order:
             self._run_waiting(then=job)
@@ -117,12 +132,20 @@ class Intake:
             self._runner = None
 
     def _work(self) -> None:
+        idle = 0  # looks in a row that found no job
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._closed)
+                if not (self._woken and self._jobs) and not self._closed:
+                    self._sleeping = idle >= SLEEP_AFTER
+                    self._cond.wait(None if self._sleeping else POLL)
+                    self._sleeping = False
                 if self._closed:
                     return
-            self.drain()
+                self._woken = False
+                found = bool(self._jobs)
+            idle = 0 if found else idle + 1
+            if found:
+                self.drain()
 
 
 def _run(job: Job) -> None:
