@@ -235,7 +235,7 @@ class WebhookMiddleware:
         self._name_needs: dict[bytes, int] = {}  # see _scan: a dict costs less than lru_cache
         self._enabled = bool(self.table)
         self._max_body = self.settings.max_body
-        self._paths = self.settings.paths or ("",)  # "" starts every path
+        self._paths = self.settings.paths or None  # None: every path
         self.user_resolver = user_resolver or remote_user
         self._bad_users: set[str] = set()  # where an unusable user came from, logged once
         self._bad_users_lock = threading.Lock()
@@ -269,7 +269,7 @@ class WebhookMiddleware:
             not self._enabled
             or environ.get("REQUEST_METHOD") != "POST"
             or not _may_be_json(environ.get("CONTENT_TYPE", ""))
-            or not environ.get("PATH_INFO", "").startswith(self._paths)
+            or (self._paths and not environ.get("PATH_INFO", "").startswith(self._paths))
         ):
             return self.app(environ, start_response)
         body = None
