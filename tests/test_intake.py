@@ -11,8 +11,10 @@ What it promises:
 - :meth:`drain` runs what waits on the caller's thread, after the job under way;
 - :meth:`close` runs what waits, stops and joins the thread; later jobs run on the
   caller of :meth:`put`;
-- a thread that cannot start (a process limit) leaves the jobs waiting for the next
-  :meth:`put`, :meth:`drain` or :meth:`close`, which run them.
+- a thread that cannot start (a process limit): :meth:`put` runs the job on the
+  caller, and the next one tries to start the thread again;
+- a job put without waking the thread runs at its next look, or with the next job put
+  with ``now``.
 
 A job under way is held on an event. Where a test needs another thread to be blocked
 inside the intake (waiting for that job) before it lets the job go, it watches that
@@ -262,27 +264,19 @@ def test_a_job_larger_than_max_bytes_runs_on_the_caller(intakes):
     assert intake_threads() == []  # nothing was queued, so nothing started
 
 
-def test_when_the_thread_cannot_start_the_jobs_wait_and_the_next_put_tries_again(
+def test_when_the_thread_cannot_start_put_runs_the_job_and_the_next_put_tries_again(
     intakes, unstartable, caplog
 ):
+    # Hooks must not wait for a queue nobody takes from: the caller runs its job.
     log = Log()
-    intake = intakes(max_jobs=3)
+    intake = intakes()
     me = threading.current_thread().name
     with caplog.at_level(logging.ERROR, logger=LOGGER):
         intake.put(log.job("a"))
         intake.put(log.job("b"))
-    assert log.names == []  # queued: no thread ran them, put() did not either
+    assert log.entries == [("a", me), ("b", me)]
     starts = [r for r in caplog.records if r.name == LOGGER]
     assert [r.getMessage() for r in starts] == ["could not start the xo-webhooks intake thread"] * 2
-
-    intake.drain()  # runs the waiting ones on this thread, in order
-    assert log.entries == [("a", me), ("b", me)]
-
-    for name in ("c", "d", "e"):
-        intake.put(log.job(name))  # 3 waiting: full
-    intake.put(log.job("f"))  # runs c, d, e, then f, here
-    assert log.names[2:] == ["c", "d", "e", "f"]
-    assert {thread for _, thread in log.entries} == {me}
 
     unstartable.allow()
     done = threading.Event()
@@ -317,11 +311,16 @@ def test_drain_waits_for_the_job_under_way_and_everything_put_before(intakes):
     assert held.thread is not None and held.thread.name == THREAD_NAME
 
 
-def test_drain_runs_the_waiting_jobs_on_the_callers_thread(intakes, unstartable):
+def test_drain_runs_the_waiting_jobs_on_the_callers_thread(intakes, monkeypatch):
+    monkeypatch.setattr(intake_module, "POLL", 60.0)  # the thread takes nothing unwoken
     log = Log()
     intake = intakes()
+    started = threading.Event()
+    intake.put(started.set)
+    assert started.wait(10)
+    wait_until(lambda: inside_wait(intake), what="the intake thread waiting")
     for n in range(5):
-        intake.put(log.job(f"job-{n}"))
+        intake.put(log.job(f"job-{n}"), now=False)
     intake.drain()
     me = threading.current_thread().name
     assert log.entries == [(f"job-{n}", me) for n in range(5)]
@@ -373,16 +372,45 @@ def test_close_of_an_idle_intake_stops_its_thread(intakes):
     assert log.names == ["a"]
 
 
-def test_close_runs_the_jobs_of_a_thread_that_never_started(intakes, unstartable):
+def test_close_runs_the_jobs_the_thread_has_not_taken(intakes, monkeypatch):
+    monkeypatch.setattr(intake_module, "POLL", 60.0)
     log = Log()
     intake = intakes()
-    intake.put(log.job("a"))
-    intake.put(log.job("b"))
+    started = threading.Event()
+    intake.put(started.set)
+    assert started.wait(10)
+    wait_until(lambda: inside_wait(intake), what="the intake thread waiting")
+    intake.put(log.job("a"), now=False)
+    intake.put(log.job("b"), now=False)
     intake.close(10)
     me = threading.current_thread().name
     assert log.entries == [("a", me), ("b", me)]
     intake.put(log.job("c"))  # closed: on the caller, no attempt to start a thread
     assert log.entries[-1] == ("c", me)
+    assert intake_threads() == []
+
+
+def test_a_caller_of_a_full_intake_runs_no_job_put_after_its_own(intakes):
+    # Under load others keep putting: a caller that runs jobs because the intake was
+    # full runs those put before its own, then its own, never the ones that came later.
+    log = Log()
+    intake = intakes(max_bytes=10)
+    held, release = threading.Event(), threading.Event()
+    intake.put(lambda: (held.set(), release.wait(10)))
+    assert held.wait(10)
+    intake.put(log.job("a"), size=5)
+    intake.put(log.job("b"), size=5)  # 10 bytes: full for any job of size > 0
+    caller = in_thread(lambda: intake.put(log.job("mine"), size=5), "caller")
+    wait_until(lambda: inside(caller, Intake._run_next), what="the caller waiting")
+    intake.put(log.job("later"))  # size 0: fits, queued after "mine" was put
+    release.set()
+    caller.join(10)
+    assert not caller.is_alive()
+    intake.drain()
+    names = log.names
+    assert names.index("a") < names.index("b") < names.index("mine")
+    assert ("mine", "caller") in log.entries
+    assert ("later", "caller") not in log.entries and "later" in names
 
 
 # -- jobs put without waking the thread (a request's pre job) ----------------------------

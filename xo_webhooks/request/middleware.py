@@ -56,6 +56,7 @@ _METHOD_MEMBER = re.compile(rb'"method"\s*:\s*"([^"\\]*)"')
 # pre hooks, post hooks, a pre hook that waits for its answer, or parsing to tell.
 _PRE, _POST, _WAITS, _PARSE = 1, 2, 4, 8
 _NAMES_KNOWN = 4096  # method names whose hooks are remembered
+_NO_ENVIRON: dict[str, Any] = {}  # what a deferred request holds once it is answered
 
 
 def remote_user(environ: WSGIEnvironment) -> User | None:
@@ -155,13 +156,16 @@ class _DeferredRequest(ObservedResponse):
     def done(self) -> None:
         """The app answered (on the request thread): have the post hooks queued."""
         self.end = time.monotonic()
-        self.late_user = self.environ.get(USER_ENVIRON_KEY)
-        # What the job holds while it waits: the answer, and the body if no pre job
-        # took it (a list for the late user, as for the resolver's).
-        if type(self.late_user) is list:
-            self.late_user = tuple(self.late_user)
-        held = self._size + len(self.request_body)
-        self.middleware._defer(self.send_post, held, True)  # type: ignore[misc]
+        late_user = self.environ.get(USER_ENVIRON_KEY)
+        # A list (the app may change it later) is copied, as the resolver's is.
+        self.late_user = tuple(late_user) if type(late_user) is list else late_user
+        self.environ = _NO_ENVIRON  # the job to come needs no more of the request
+        # The bytes the job holds while it waits: the answer kept (none past the cap),
+        # and the body if no pre job has taken it yet.
+        held = (0 if self.overflow else self._size) + len(self.request_body)
+        # The thread is woken once the server has taken the whole answer; for an
+        # answer observed at once (a list, a file, an exception), at its next look.
+        self.middleware._defer(self.send_post, held, self.streamed)  # type: ignore[misc]
 
     def send_post(self) -> None:
         """Queue the post hooks (parsing the body first if no pre hook did)."""
@@ -488,10 +492,13 @@ class WebhookMiddleware:
 
     def _learn_name(self, name: bytes) -> int:
         """What the hooks of the method *name* ask (see :meth:`_scan`), remembered for
-        the next request: at most :data:`_NAMES_KNOWN` names, then it starts over."""
-        if len(self._name_needs) >= _NAMES_KNOWN:
-            self._name_needs.clear()  # a client sending ever new names gets no growth
-        needs = self._name_needs[name] = self._needs_of(name)
+        the next request: at most :data:`_NAMES_KNOWN` names of up to 256 bytes, then
+        it starts over (a client sending ever new or huge names pins no memory)."""
+        needs = self._needs_of(name)
+        if len(name) <= 256:
+            if len(self._name_needs) >= _NAMES_KNOWN:
+                self._name_needs.clear()
+            self._name_needs[name] = needs
         return needs
 
     def _needs_of(self, name: bytes) -> int:

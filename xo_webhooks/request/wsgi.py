@@ -176,7 +176,7 @@ class ObservedResponse(Capture):
         self.overflow = self._reported = self._closed = False
         self._chunks = []
         self._size = 0
-        self._start_response = start_response
+        self._start_response: StartResponse | None = start_response
         self._write: Callable[[bytes], object] | None = None
         self._app_iter: Iterable[bytes] = ()
         self._chunks_out: Iterator[bytes] | None = None
@@ -184,6 +184,12 @@ class ObservedResponse(Capture):
     def done(self) -> None:
         """Told once the outcome is known (on the server's thread); must not block."""
         raise NotImplementedError
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the server iterated this object (so, once :meth:`done` is told, it
+        has taken every byte), rather than the app's own list or file, or nothing."""
+        return self._chunks_out is not None
 
     def respond(self, app: WSGIApplication, environ: WSGIEnvironment) -> Iterable[bytes]:
         """Call *app* and return what the server gets in place of its answer."""
@@ -213,6 +219,7 @@ class ObservedResponse(Capture):
         """Record the status, pass ``exc_info`` on, and return a ``write()`` that still
         writes, keeping a copy."""
         self.status = status
+        assert self._start_response is not None, "start_response() after the answer ended"
         if exc_info is None:
             self._write = self._start_response(status, headers)
         else:
@@ -265,6 +272,7 @@ class ObservedResponse(Capture):
         if self._reported:
             return
         self._reported = True
+        self._start_response = self._write = None  # the server's: no use any more
         try:
             self.done()
         except Exception:  # the middleware's own failure never reaches the client

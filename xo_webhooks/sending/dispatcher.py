@@ -59,9 +59,10 @@ class Dispatcher(Protocol):
 
     Two methods are optional, and used when present: ``submit_many(deliveries)``
     (queue a request's hooks in one go, as the Celery dispatcher publishes them in one
-    round trip) and ``defer(job, size)`` (run *job*, which builds and submits a
-    request's hooks, off the request thread, in the order given: see
-    :meth:`ThreadDispatcher.defer`). Without ``defer`` the request thread builds them.
+    round trip) and ``defer(job, size, now)`` (run *job*, which builds and submits a
+    request's hooks, off the request thread, in the order given; *size* is the bytes
+    it holds, *now* false when it may wait a little: see :meth:`ThreadDispatcher.defer`).
+    Without ``defer`` the request thread builds them.
     """
 
     def submit(self, delivery: Delivery) -> None:
@@ -309,7 +310,7 @@ class ThreadDispatcher:
         deadline = time.monotonic() + timeout
         self._intake.close(timeout)  # the requests' hooks it holds are submitted first
         with self._idle:  # the hooks in memory; those in the spool wait for the next process
-            self._idle.wait_for(lambda: self._unsettled() == 0, timeout)
+            self._idle.wait_for(lambda: self._unsettled() == 0, _left(deadline))
         with self._cond:
             self._closed = self._stopping = True
             now = time.monotonic()

@@ -42,10 +42,11 @@ class Intake:
         self._max_jobs = max_jobs
         self._max_bytes = max_bytes
         self._cond = threading.Condition()
-        self._jobs: deque[tuple[Job, int]] = deque()
+        self._jobs: deque[tuple[int, Job, int]] = deque()  # (number, job, size)
+        self._put = 0  # jobs put so far: the next one's number
         self._bytes = 0
-        self._order = threading.Lock()  # held while jobs run: one at a time, in order
-        # The thread running jobs now: a job whose code drains (an observer reading
+        self._order = threading.Lock()  # held while a job runs: one at a time, in order
+        # The thread running a job now: a job whose code drains (an observer reading
         # stats()) must not run the jobs after it before it ends, nor wait for itself.
         self._runner: int | None = None
         self._thread: threading.Thread | None = None
@@ -55,38 +56,48 @@ class Intake:
 
     def put(self, job: Job, size: int = 0, now: bool = True) -> None:
         """Run *job* soon, after every job put before it. When the queue is full (or
-        closed), the caller runs the waiting jobs and then *job*. Never raises.
+        closed, or its thread cannot start), the caller runs the jobs put before it,
+        then *job*. Never raises.
 
         With *now* false, the thread is not woken for it: it runs at the thread's next
         look (within :data:`POLL` seconds), or with the next job put with *now*. The
-        middleware puts a request's pre job so, and its post job, once the answer is
-        sent, with *now*: the thread then runs both while the request's thread waits for
-        the next request, not in the middle of this one, where it would take the
-        interpreter lock from it (measured over HTTP: 5-8% on the median latency)."""
+        middleware puts a request's pre job so, and its post job, once the server has
+        taken the whole answer, with *now*: the thread then runs both while the
+        request's thread waits for the next request, not in the middle of this one,
+        where it would take the interpreter lock from it (measured over HTTP: 5-8% on
+        the median latency)."""
         with self._cond:
-            if (
+            from_a_job = self._runner == threading.get_ident()  # it runs after that job
+            room = (
                 not self._closed
                 and len(self._jobs) < self._max_jobs
                 and self._bytes + size <= self._max_bytes
-            ) or self._runner == threading.get_ident():  # from a job: it runs after it
-                self._jobs.append((job, size))
+            )
+            if room and self._thread is None:
+                self._start()
+            if from_a_job or (room and self._thread is not None):
+                self._jobs.append((self._put, job, size))
+                self._put += 1
                 self._bytes += size
-                if self._thread is None:
-                    self._start()
                 if now or self._sleeping:
                     self._woken = True
                     self._cond.notify()
                 return
-        with self._order:
-            self._run_waiting(then=job)
+            before = self._put
+        while self._run_next(before):  # only those put before: others may keep coming
+            pass
+        with self._order:  # and once the one the thread took has ended
+            self._run(job)
 
     def drain(self) -> None:
-        """Run the waiting jobs on this thread, after the one under way, if any; from
-        a job itself, nothing (the jobs after it run once it ends)."""
+        """Run the jobs put before this call on this thread, after the one under way,
+        if any; from a job itself, nothing (the jobs after it run once it ends)."""
         if self._runner == threading.get_ident():
             return
-        with self._order:
-            self._run_waiting()
+        with self._cond:
+            before = self._put
+        while self._run_next(before):
+            pass
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread (waiting up to *timeout* for it) and run what waits on this
@@ -95,39 +106,39 @@ class Intake:
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
-        self.drain()
+        while self._run_next(None):
+            pass
         if thread is not None:
             thread.join(timeout)
 
     def _start(self) -> None:
+        """Start the thread. Holds the lock."""
         thread = threading.Thread(target=self._work, name="xo-webhooks-intake", daemon=True)
         try:
             thread.start()
-        except RuntimeError:  # e.g. a process limit: the next put tries again
+        except RuntimeError:  # e.g. a process limit: callers run their jobs; next put retries
             logger.exception("could not start the xo-webhooks intake thread")
             return
         self._thread = thread
 
-    def _take(self) -> Job | None:
-        """The next job; ``None`` when none waits. Holds the lock."""
-        if not self._jobs:
-            return None
-        job, size = self._jobs.popleft()
-        self._bytes -= size
-        return job
+    def _run_next(self, before: int | None) -> bool:
+        """Run the next waiting job, if one was put before number *before* (any, for
+        ``None``); say whether one ran. Jobs run one at a time: a caller waits here for
+        the one under way."""
+        with self._order:
+            with self._cond:
+                if not self._jobs or (before is not None and self._jobs[0][0] >= before):
+                    return False
+                _, job, size = self._jobs.popleft()
+                self._bytes -= size
+            self._run(job)
+        return True
 
-    def _run_waiting(self, then: Job | None = None) -> None:
-        """Run every waiting job, then *then*. The caller holds ``_order``."""
+    def _run(self, job: Job) -> None:
+        """Run *job*. The caller holds ``_order``."""
         self._runner = threading.get_ident()
         try:
-            while True:
-                with self._cond:
-                    job = self._take()
-                if job is None:
-                    break
-                _run(job)
-            if then is not None:
-                _run(then)
+            _run(job)
         finally:
             self._runner = None
 
@@ -135,8 +146,8 @@ class Intake:
         idle = 0  # looks in a row that found no job
         while True:
             with self._cond:
-                if not (self._woken and self._jobs) and not self._closed:
-                    self._sleeping = idle >= SLEEP_AFTER
+                if not self._closed and not (self._woken and self._jobs):
+                    self._sleeping = idle >= SLEEP_AFTER and not self._jobs
                     self._cond.wait(None if self._sleeping else POLL)
                     self._sleeping = False
                 if self._closed:
@@ -144,8 +155,8 @@ class Intake:
                 self._woken = False
                 found = bool(self._jobs)
             idle = 0 if found else idle + 1
-            if found:
-                self.drain()
+            while self._run_next(None):
+                pass
 
 
 def _run(job: Job) -> None:
