@@ -32,9 +32,8 @@ from typing import Any
 
 from apps import hook
 from common import Row, Spread, ratios
-from observability import SLICES, WORKERS, interleaved_cpu
+from observability import SLICES, WORKERS, DeliverySide, interleaved_cpu
 from throughput import payloads
-from transports import DeliverySide
 
 from xo_webhooks import load_settings
 from xo_webhooks.config import Settings
@@ -174,7 +173,7 @@ def run(url: str, rounds: int, count: int, receiver: str) -> list[Row]:
     extra: dict[str, Any] = {"endpoint_concurrency": WORKERS}
     sides = {
         "lanes": DeliverySide(url, **extra),
-        "one queue": DeliverySide(url, OneQueueDispatcher, **extra),
+        "one queue": DeliverySide(url, dispatcher=OneQueueDispatcher, **extra),
     }
     if not isinstance(sides["one queue"].dispatcher._lanes, OneQueue):
         raise RuntimeError("the baseline dispatcher does not use one queue")

@@ -13,17 +13,9 @@ of a round.
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
-from apps import hook
 from common import Row, Spread, ratios
-from observability import SLICES, WORKERS, interleaved_cpu
-from throughput import payloads
+from observability import SLICES, WORKERS, DeliverySide, interleaved_cpu
 
-from xo_webhooks import load_settings
-from xo_webhooks.sending.delivery import Delivery
-from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.transport import Transport
 from xo_webhooks.sending.transport_requests import RequestsTransport
 
@@ -31,45 +23,6 @@ from xo_webhooks.sending.transport_requests import RequestsTransport
 #: requests transport may take up to twice the CPU per hook of the default, and keep at
 #: least half its hooks/s.
 MIN_RATE, MAX_CPU = 0.5, 2.0
-
-
-class DeliverySide:
-    """A dispatcher kept for the whole run, with the settings *extra* gives.
-
-    :param url: the receiver.
-    :param dispatcher: the dispatcher class (a :class:`ThreadDispatcher` by default).
-    :param extra: settings, e.g. ``transport="requests"``.
-    """
-
-    def __init__(self, url: str, dispatcher: type[ThreadDispatcher] = ThreadDispatcher,
-                 **extra: Any) -> None:  # fmt: skip
-        settings = load_settings(
-            [hook("vm.start", url)], {}, max_workers=WORKERS, queue_size=10_000, timeout=10.0,
-            **extra,
-        )  # fmt: skip
-        self.target = settings.hooks[0]
-        self.dispatcher = dispatcher(settings)
-        self.sent = 0
-
-    def send(self, count: int) -> tuple[float, float]:
-        """Deliver *count* hooks; return the wall and CPU seconds they took."""
-        deliveries = [Delivery(self.target, p) for p in payloads(count)]
-        cpu, start = time.process_time(), time.perf_counter()
-        for delivery in deliveries:
-            self.dispatcher.submit(delivery)
-        if not self.dispatcher.flush(60):
-            raise RuntimeError("the dispatcher did not drain in 60 s")
-        wall = time.perf_counter() - start
-        time.sleep(0.002)  # let the workers finish their last settle (sleeping costs none)
-        used = time.process_time() - cpu
-        self.sent += count
-        delivered = self.dispatcher.stats()["delivered"]
-        if delivered != self.sent:
-            raise RuntimeError(f"the dispatcher delivered {delivered} hooks, not {self.sent}")
-        return wall, used
-
-    def close(self) -> None:
-        self.dispatcher.close(0)
 
 
 def run(url: str, rounds: int, count: int, receiver: str) -> list[Row]:

@@ -17,49 +17,13 @@ from __future__ import annotations
 
 import time
 
-from apps import hook
 from common import Row, Spread, ratios
-from observability import SLICES, WORKERS, interleaved_cpu
+from observability import SLICES, WORKERS, DeliverySide, interleaved_cpu
 from throughput import payloads
 
-from xo_webhooks import load_settings
-from xo_webhooks.sending.delivery import Delivery
-from xo_webhooks.sending.dispatcher import ThreadDispatcher
 from xo_webhooks.sending.validation import PayloadCheck
 
 BOUND = 1.25  # on / off: past it, the issue makes validation off by default
-
-
-class DeliverySide:
-    """A :class:`ThreadDispatcher` kept for the whole run, validating or not."""
-
-    def __init__(self, url: str, validate: bool) -> None:
-        settings = load_settings(
-            [hook("vm.start", url)], {}, max_workers=WORKERS, queue_size=10_000, timeout=10.0,
-            validate=validate,
-        )  # fmt: skip
-        self.target = settings.hooks[0]
-        self.dispatcher = ThreadDispatcher(settings)
-        if (self.dispatcher.sender.check is not None) != validate:
-            raise RuntimeError(f"the sender does not validate as asked ({validate})")
-        self.sent = 0
-
-    def send(self, count: int) -> tuple[float, float]:
-        """Deliver *count* hooks; return the wall and CPU seconds they took."""
-        deliveries = [Delivery(self.target, p) for p in payloads(count)]
-        cpu, start = time.process_time(), time.perf_counter()
-        for delivery in deliveries:
-            self.dispatcher.submit(delivery)
-        if not self.dispatcher.flush(60):
-            raise RuntimeError("the dispatcher did not drain in 60 s")
-        wall = time.perf_counter() - start
-        time.sleep(0.002)  # let the workers finish telling observers (sleeping costs none)
-        used = time.process_time() - cpu
-        self.sent += count
-        delivered = self.dispatcher.stats()["delivered"]
-        if delivered != self.sent:  # also: validation rejected none of the payloads
-            raise RuntimeError(f"the dispatcher delivered {delivered} hooks, not {self.sent}")
-        return wall, used
 
 
 def check_alone(rounds: int, count: int) -> list[float]:
@@ -78,12 +42,15 @@ def check_alone(rounds: int, count: int) -> list[float]:
 
 
 def run(url: str, rounds: int, count: int, receiver: str) -> list[Row]:
-    sides = {"off": DeliverySide(url, False), "on": DeliverySide(url, True)}
+    sides = {"off": DeliverySide(url, validate=False), "on": DeliverySide(url, validate=True)}
     try:
+        for name, side in sides.items():
+            if (side.dispatcher.sender.check is not None) != (name == "on"):
+                raise RuntimeError(f"the sender does not validate as asked ({name})")
         cpu, rate = interleaved_cpu(sides, count, rounds)
     finally:
         for side in sides.values():
-            side.dispatcher.close(0)
+            side.close()
     detail = {
         "receiver": receiver,
         "hooks_per_round": count,
