@@ -95,3 +95,24 @@ def no_leaked_threads() -> Iterator[None]:
     for thread in set(threading.enumerate()) - before:
         thread.join(10)
         assert not thread.is_alive(), f"thread {thread.name} still running"
+
+
+@pytest.fixture(scope="module")
+def span_exporter() -> Iterator[Any]:
+    """An in-memory exporter on the global SDK tracer provider, which can be set only
+    once per process (skipped without opentelemetry-sdk)."""
+    pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        pytest.skip(f"another global tracer provider was set: {provider!r}")
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()  # the provider cannot be unset: from now on it keeps nothing

@@ -469,27 +469,6 @@ def test_the_incoming_trace_headers_reach_the_deferred_hooks(
     assert parsed.names == [INTAKE]
 
 
-@pytest.fixture(scope="module")
-def span_exporter() -> Iterator[Any]:
-    """An in-memory exporter on the global SDK tracer provider (which can be set only
-    once per process: tests/test_tracing.py does the same, whichever runs first)."""
-    pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is not installed")
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        pytest.skip(f"another global tracer provider was set: {provider!r}")
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
-
-
 def test_the_active_span_of_the_request_thread_is_the_parent_of_the_deferred_hooks(
     span_exporter, webhook_receiver, wrap, parsed
 ):

@@ -138,6 +138,17 @@ def intake_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
+def hold_then_queue(intake: Intake, log: Log, sizes: tuple[int, int] = (0, 0)) -> Held:
+    """Have the intake's thread take a :class:`Held` job, then queue jobs "a" and "b"
+    (of *sizes*) behind it; return the held job."""
+    held = Held(log)
+    intake.put(held)
+    assert held.started.wait(10)  # taken: it no longer counts as waiting
+    intake.put(log.job("a"), size=sizes[0])
+    intake.put(log.job("b"), size=sizes[1])
+    return held
+
+
 def in_thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name)
     thread.start()
@@ -237,11 +248,7 @@ def test_put_on_a_full_intake_runs_after_the_job_under_way_and_the_waiting_ones(
 ):
     log = Log()
     intake = intakes(**bounds)
-    held = Held(log)
-    intake.put(held)
-    assert held.started.wait(10)  # taken: it no longer counts as waiting
-    intake.put(log.job("a"), size=sizes[0])
-    intake.put(log.job("b"), size=sizes[1])  # the intake is full now
+    held = hold_then_queue(intake, log, sizes)  # full now
 
     def caller() -> None:
         intake.put(log.job("c"), size=sizes[2])
@@ -292,11 +299,7 @@ def test_when_the_thread_cannot_start_put_runs_the_job_and_the_next_put_tries_ag
 def test_drain_waits_for_the_job_under_way_and_everything_put_before(intakes):
     log = Log()
     intake = intakes()
-    held = Held(log)
-    intake.put(held)
-    assert held.started.wait(10)
-    intake.put(log.job("a"))
-    intake.put(log.job("b"))
+    held = hold_then_queue(intake, log)
 
     def drainer() -> None:
         intake.drain()
@@ -334,11 +337,7 @@ def test_drain_runs_the_waiting_jobs_on_the_callers_thread(intakes, monkeypatch)
 def test_close_runs_what_waits_then_stops_and_joins_the_thread(intakes):
     log = Log()
     intake = intakes()
-    held = Held(log)
-    intake.put(held)
-    assert held.started.wait(10)
-    intake.put(log.job("a"))
-    intake.put(log.job("b"))
+    held = hold_then_queue(intake, log)
 
     def closer() -> None:
         intake.close(10)

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 from opentelemetry import context, propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from werkzeug.test import Client
@@ -57,20 +56,6 @@ class Tracing:
         """The finished attempt spans ("POST"), in the order they started."""
         spans = self.exporter.get_finished_spans()
         return sorted((s for s in spans if s.name == "POST"), key=lambda s: s.start_time or 0)
-
-
-@pytest.fixture(scope="module")
-def span_exporter() -> Iterator[InMemorySpanExporter]:
-    """An in-memory exporter on the global SDK tracer provider, set once per process."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        pytest.skip(f"another global tracer provider was set: {provider!r}")
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()  # the provider cannot be unset: from now on it keeps nothing
 
 
 @pytest.fixture
