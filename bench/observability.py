@@ -41,7 +41,7 @@ from apps import (
     rpc_body,
 )
 from apps import unmatched_hooks as other_hooks
-from common import Row, Spread, interleaved_rates, ratios
+from common import Row, Spread, interleaved_calls, interleaved_rates, ratios
 from request_path import UNUSED_URL, calls_per_round
 from throughput import payloads
 
@@ -162,7 +162,7 @@ def run_request_path(rounds: int, round_seconds: float) -> list[Row]:
 
     off, off_dispatcher = wrapped()
     count = calls_per_round(plain, off, round_seconds)
-    calls = count // 10 * 10 * (rounds + 1)  # interleaved_rates: 10 slices, 1 warm-up
+    calls = interleaved_calls(count, rounds)
     registry = CollectorRegistry()
 
     def compare(

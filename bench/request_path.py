@@ -27,7 +27,7 @@ from apps import (
     rpc_body,
     unmatched_hooks,
 )
-from common import Row, Spread, interleaved_rates, ratios
+from common import Row, Spread, interleaved_calls, interleaved_rates, ratios
 
 from xo_webhooks import WebhookMiddleware
 
@@ -75,7 +75,7 @@ def run(rounds: int, round_seconds: float) -> list[Row]:
     count = calls_per_round(caller, bare, round_seconds)
     noop.deferred = 0
     rates = _pair(caller, count, rounds, bare=bare, wrapped=wrapped)
-    calls = count // 10 * 10 * (rounds + 1)  # interleaved_rates: 10 slices, 1 warm-up
+    calls = interleaved_calls(count, rounds)
     if noop.deferred != 2 * calls:  # a job for the pre hooks and one for the posts
         raise RuntimeError(f"scenario 2: {noop.deferred} jobs for {calls} calls, not 2 each")
     built = [built_off_the_request_thread(caller, wrapped, noop, 2000) for _ in range(rounds)]

@@ -17,6 +17,7 @@ import requests
 from flask import Flask, Response, request
 
 from xo_webhooks import WebhookMiddleware
+from xo_webhooks.request.middleware import _PARSE, _PRE
 from xo_webhooks.schema import validate_payload
 from xo_webhooks.sending.redaction import TOO_DEEP
 
@@ -161,3 +162,31 @@ def test_the_quick_scan_is_linear_on_a_hostile_body():
     started = time.perf_counter()
     assert middleware._scan(body) == 0
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "needs"),
+    [
+        pytest.param(b'{"id": 1, "method": "vm.start"}', _PRE, id="json.dumps"),
+        pytest.param(b'{"id":1,"method":"vm.start"}', _PRE, id="JSON.stringify"),
+        pytest.param(b'{"method" :\n\t"vm.start"}', _PRE, id="odd-spacing"),
+        pytest.param(b'{"method": "host.stats"}', 0, id="unhooked"),
+        pytest.param(b'{"method": "vm.start', 0, id="unterminated-name"),
+        pytest.param(b'{"method", "vm.start"}', 0, id="no-colon"),
+        pytest.param(b'{"params": {"id": 1}}', 0, id="no-method"),
+        pytest.param(b'[{"method": "host.stats"}, {"method":"vm.start"}]', _PRE, id="batch"),
+        pytest.param(b'{"x": "method", "method": "vm.start"}', _PRE, id="method-as-a-value"),
+        pytest.param(b'{"method": "host.stats", "p": ["method"]}', 0, id="value-after"),
+        pytest.param(b'{"method": "v\\u006d.start"}', _PARSE, id="escaped-name"),
+        pytest.param(b'{"\\u006dethod": "vm.start"}', _PARSE, id="escaped-key"),
+        pytest.param('{"method": "vm.start"}'.encode("utf-16-le"), _PARSE, id="utf-16"),
+        pytest.param('{"method": "vm.start"}'.encode("utf-16"), _PARSE, id="utf-16-bom"),
+        pytest.param('{"method": "vm.start"}'.encode("utf-32-be"), _PARSE, id="utf-32"),
+    ],
+)
+def test_the_quick_scan_reads_every_spelling_of_a_call(body, needs):
+    # One call in the usual spelling is read with bytes.find, anything else with the
+    # regex: both must tell the same, down to a name that never ends.
+    middleware = WebhookMiddleware(lambda e, s: [], hooks=QUICK_SCAN_HOOKS, environ={})
+    assert middleware._scan(body) == needs
+    assert middleware._scan(body) == needs  # the second time, from the names it knows

@@ -479,13 +479,37 @@ class WebhookMiddleware:
         the calls' hooks. UTF-16 and UTF-32, which Python's ``json`` reads too, put a
         zero byte in the first four (JSON text starts with an ASCII character): those
         bodies are parsed.
+
+        A single call, spelled as ``json.dumps`` or ``JSON.stringify`` spell it, is read
+        with ``bytes.find`` alone: the regex's own search costs three times as much, on
+        every POST of an app whose calls have no hook.
         """
-        # bytes.find, not the in operator: half its cost, on every POST
-        if body.find(b"\\") >= 0 or body.find(b"\0", 0, 4) >= 0:
+        # bytes.find for a byte, a slice for the first four: each the cheapest spelling
+        if body.find(b"\\") >= 0 or 0 in body[:4]:
             return _PARSE
+        at = body.find(b'"method"')
+        if at < 0:
+            return 0
+        if body.find(b'"method"', at + 8) < 0:  # the only one: name it without the regex
+            if body.startswith(b': "', at + 8):
+                start = at + 11
+            elif body.startswith(b':"', at + 8):
+                start = at + 10
+            else:
+                return self._needs_of_names(_METHOD_MEMBER.findall(body, at))
+            end = body.find(b'"', start)
+            if end < 0:  # an unterminated name: no call
+                return 0
+            name = body[start:end]
+            needs = self._name_needs.get(name)
+            return self._learn_name(name) if needs is None else needs
+        return self._needs_of_names(_METHOD_MEMBER.findall(body, at))
+
+    def _needs_of_names(self, names: list[bytes]) -> int:
+        """What the hooks of method *names* ask (see :meth:`_scan`)."""
         needs = 0
         known = self._name_needs
-        for name in _METHOD_MEMBER.findall(body):
+        for name in names:
             found = known.get(name)
             needs |= self._learn_name(name) if found is None else found
         return needs
