@@ -182,10 +182,11 @@ def test_the_quick_scan_is_linear_on_a_hostile_body():
         pytest.param('{"method": "vm.start"}'.encode("utf-16-le"), _PARSE, id="utf-16"),
         pytest.param('{"method": "vm.start"}'.encode("utf-16"), _PARSE, id="utf-16-bom"),
         pytest.param('{"method": "vm.start"}'.encode("utf-32-be"), _PARSE, id="utf-32"),
+        pytest.param(b'{"method": "host.stats"}\x00', _PARSE, id="zero-byte-past-the-start"),
     ],
 )
 def test_the_quick_scan_reads_every_spelling_of_a_call(body, needs):
-    # One call in the usual spelling is read with bytes.find, anything else with the
+    # One call in the usual spelling is read with bytes.split, anything else with the
     # regex: both must tell the same, down to a name that never ends.
     middleware = WebhookMiddleware(lambda e, s: [], hooks=QUICK_SCAN_HOOKS, environ={})
     assert middleware._scan(body) == needs

@@ -85,6 +85,27 @@ def test_pre_only_hooks_do_not_observe_the_response():
     assert [d.payload["type"] for d in dispatcher.deliveries] == ["pre"]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "hooked"),
+    [
+        ("application/json", True),
+        ("application/json-rpc; charset=utf-8", True),
+        ("Text/Plain", True),
+        ("", True),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+    ],
+)
+def test_only_a_body_labelled_as_json_or_not_at_all_is_read(content_type, hooked):
+    dispatcher = RecordingDispatcher()
+    middleware = WebhookMiddleware(plain_app, hooks=HOOKS, dispatcher=dispatcher, environ={})
+    for _ in range(2):  # the second time, from the content types it knows
+        environ = EnvironBuilder(method="POST", data=json.dumps(CALL)).get_environ()
+        environ["CONTENT_TYPE"] = content_type
+        assert b"".join(middleware(environ, lambda *a: None)) == RESULT
+    assert len(dispatcher.deliveries) == (4 if hooked else 0)  # a pre and a post per call
+
+
 class BrokenDispatcher(RecordingDispatcher):
     def submit(self, delivery):
         raise RuntimeError("the dispatcher is broken")

@@ -37,13 +37,11 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             return None
         if expected <= CHUNK:  # the common case, in one read (the request path's cost)
             body = stream.read(expected)  # if it raises, the app still has the stream
-            if len(body) < expected and body:  # a server that hands out less: the rest
-                body += _read_or_restore(environ, stream, expected - len(body), body)
+            if len(body) != expected:
+                body = _read_rest(environ, stream, body, expected)
         else:
-            body = _read_or_restore(environ, stream, expected)
+            body = _read_rest(environ, stream, b"", expected)
         environ["wsgi.input"] = BytesIO(body)
-        if len(body) != expected:  # the client went away early: the app sees what came
-            environ["CONTENT_LENGTH"] = str(len(body))
         return body
     elif environ.get("wsgi.input_terminated"):  # chunked: read to the end, up to a cap
         body = _read_or_restore(environ, stream, limit + 1)
@@ -52,8 +50,19 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
             return None
     else:
         return None
-    environ["wsgi.input"] = io.BytesIO(body)
+    environ["wsgi.input"] = BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+def _read_rest(environ: WSGIEnvironment, stream: Any, body: bytes, expected: int) -> bytes:
+    """*body*, what a first read gave (none for a large body), read on to the *expected*
+    length: the rest from a server that hands out less per read; if the client went
+    away early, what came, with ``CONTENT_LENGTH`` made true for the app."""
+    if len(body) < expected and (body or expected > CHUNK):
+        body += _read_or_restore(environ, stream, expected - len(body), body)
+    if len(body) != expected:
+        environ["CONTENT_LENGTH"] = str(len(body))
     return body
 
 
